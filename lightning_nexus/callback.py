@@ -1,0 +1,283 @@
+"""NexusCallback: runs the Nexus inner loop inside Lightning's automatic optimization.
+
+Hook mapping (Lightning 2.6, ``accumulate_grad_batches=K``; see DESIGN.md section 3)::
+
+    on_after_backward          every micro-batch: inner step from .grad (Lightning's 1/K and the AMP
+                               scale are divided out), then .grad is cleared
+    on_before_optimizer_step   window boundary: params := θ0, .grad := G; Lightning then clips .grad
+                               and steps the outer optimizer
+    on_save_checkpoint         a mid-window checkpoint stores the anchor θ0 as the weights
+    on_validation_epoch_*      validation mid-window sees θ0, not a point on the inner trajectory
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_nexus.core import DTensor, Nexus, _local
+
+DEFAULT_INNER_LR = 0.05
+"""Default γ. Measured on a 0.84M-parameter GPT with 3 sources, K=3 and AdamW lr 1e-3 (DESIGN.md 8):
+γ=0.01 did nothing, 0.05 helped (inner displacement ≈ 0.7× the outer step), 0.2 hurt. The useful range
+depends on model size and outer LR: tune γ so that ``nexus/inner_to_outer_ratio`` sits near 0.5-1."""
+
+
+class NexusCallback(Callback):
+    """Train any automatic-optimization LightningModule with Nexus.
+
+    Inside each gradient-accumulation window (``Trainer(accumulate_grad_batches=K)``) the callback takes
+    one small step per micro-batch along its (normalized) gradient and hands the average direction to
+    the outer optimizer (whatever ``configure_optimizers`` returns) as its gradient.
+
+    Args:
+        inner_lr: γ ≥ 0, the inner step length. With ``normalize=True`` each inner step moves the
+            parameters by exactly γ in L2 norm. γ = 0 gives normalized gradient accumulation.
+        normalize: normalize each micro-batch gradient by its global L2 norm (Nexus). ``False`` uses raw
+            gradients (Fish-style inner SGD); ``normalize=False, inner_lr=0`` is plain accumulation.
+        inner_lr_schedule: ``"constant"`` keeps γ fixed; ``"follow_outer"`` scales γ by the outer
+            optimizer's current LR relative to its initial LR, so the inner/outer step ratio stays put
+            while the LR schedule warms up and decays.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.demos.boring_classes import BoringModel
+        from lightning_nexus import NexusCallback
+
+        trainer = Trainer(max_steps=4, accumulate_grad_batches=4, callbacks=[NexusCallback(inner_lr=0.05)])
+        trainer.fit(BoringModel())
+    """
+
+    def __init__(
+        self,
+        inner_lr: float = DEFAULT_INNER_LR,
+        normalize: bool = True,
+        inner_lr_schedule: Literal["constant", "follow_outer"] = "constant",
+    ) -> None:
+        if not isinstance(inner_lr, (int, float)) or not math.isfinite(inner_lr) or inner_lr < 0:
+            raise ValueError(
+                f"NexusCallback(inner_lr={inner_lr!r}): inner_lr must be a finite number >= 0. "
+                f"Use a small positive value such as {DEFAULT_INNER_LR}, or 0 for normalized accumulation."
+            )
+        if inner_lr_schedule not in ("constant", "follow_outer"):
+            raise ValueError(
+                f"NexusCallback(inner_lr_schedule={inner_lr_schedule!r}): expected 'constant' or 'follow_outer'."
+            )
+        self.inner_lr = float(inner_lr)
+        self.normalize = normalize
+        self.inner_lr_schedule = inner_lr_schedule
+        self.nexus: Nexus | None = None
+        self.skipped_windows = 0
+        self.completed_windows = 0
+        self._base_lr: float | None = None
+        self._stepped_this_batch = False
+        self._inner_displacement = 0.0
+        self._validation_stash: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ validation of the setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "NexusCallback drives Lightning's automatic optimization, but this LightningModule sets "
+                "`automatic_optimization = False`. With manual optimization call the core directly: "
+                "`nexus = lightning_nexus.Nexus(self.parameters(), inner_lr=...)`, then `nexus.inner_step()` "
+                "after each `self.manual_backward(loss)` and `nexus.finish_window()` before `opt.step()` "
+                "(see README, 'Manual optimization')."
+            )
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise RuntimeError(
+                "NexusCallback cannot run under DeepSpeed: DeepSpeed accumulates gradients inside its own "
+                "engine, so the per-micro-batch gradients Nexus needs never reach Lightning's hooks. "
+                "Use strategy='nexus_ddp', or FSDP (ModelParallelStrategy / FSDPStrategy) for sharding."
+            )
+        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "supports_nexus", False):
+            if strategy.world_size > 1:
+                raise RuntimeError(
+                    f"NexusCallback with the stock {type(strategy).__name__} and {strategy.world_size} processes "
+                    "would let ranks drift apart silently: Lightning skips the gradient all-reduce on "
+                    "non-boundary micro-batches, so every rank takes different inner steps. Use "
+                    "strategy='nexus_ddp' (lightning_nexus.NexusDDPStrategy; sync='every' for exact semantics "
+                    "or sync='window' for one all-reduce per window)."
+                )
+        accumulating = any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks)
+        if trainer.accumulate_grad_batches == 1 and not accumulating:
+            rank_zero_warn(
+                "NexusCallback with accumulate_grad_batches=1: every window has one micro-batch, so Nexus "
+                "degenerates to normalized-gradient training. Set Trainer(accumulate_grad_batches=K) with K >= 2 "
+                "(ideally one data source per micro-batch)."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(
+                f"NexusCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Combine parameter "
+                "groups into one optimizer (a composite optimizer for e.g. Muon + AdamW)."
+            )
+        optimizer = trainer.optimizers[0]
+        self.nexus = Nexus(optimizer.param_groups, inner_lr=self.inner_lr, normalize=self.normalize)
+        group = optimizer.param_groups[0]
+        self._base_lr = float(group.get("initial_lr", group["lr"]))
+
+    # ------------------------------------------------------------------ the window
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        nexus = self.nexus
+        if nexus is None or not trainer.training:
+            return
+        if not nexus.in_window:
+            nexus.inner_lr = self._current_inner_lr(trainer)
+        scaler = _grad_scaler(trainer)
+        amp_scale = scaler.get_scale() if scaler is not None else 1.0
+        # Lightning divided the loss by K on every micro-batch (also in a partial window).
+        nexus.inner_step(loss_scale=amp_scale / trainer.accumulate_grad_batches, zero_grad_to_none=scaler is None)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        nexus = self.nexus
+        if nexus is None or not nexus.in_window:
+            return
+        result = nexus.finish_window()
+        scaler = _grad_scaler(trainer)
+        skipped = result.skipped
+        reduce_window = getattr(trainer.strategy, "reduce_window", None)
+        if reduce_window is not None:  # NexusDDPStrategy(sync="window") averages G and agrees on skips
+            skipped = reduce_window(nexus.params, skipped)
+        if skipped:
+            self.skipped_windows += 1
+            # With a GradScaler, a window this rank abandoned left NaN in .grad, so the scaler skips and
+            # backs off. Otherwise (or when only another rank abandoned) no gradient means no step.
+            if scaler is None or not result.skipped:
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            self.completed_windows += 1
+            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+                # fused optimizers unscale inside step(): hand them G in the scaled domain
+                grads = [_local(p.grad) for p in nexus.params if p.grad is not None]
+                torch._foreach_mul_(grads, scaler.get_scale())
+        self._stepped_this_batch = True
+        pl_module.log("nexus/skipped_windows", float(self.skipped_windows), on_step=True, on_epoch=False)
+        pl_module.log("nexus/inner_lr", result.inner_lr, on_step=True, on_epoch=False)
+        if not skipped and _should_log(trainer):
+            norm = nexus.pseudo_grad_norm()
+            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+                norm /= scaler.get_scale()
+            # G = (θ0 − θ_K)/(γn), so the displacement needs no extra pass
+            self._inner_displacement = result.inner_lr * result.num_micro_batches * norm
+            pl_module.log("nexus/pseudo_grad_norm", norm, on_step=True, on_epoch=False)
+            pl_module.log("nexus/inner_displacement", self._inner_displacement, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        nexus = self.nexus
+        if nexus is None or not self._stepped_this_batch:
+            return
+        self._stepped_this_batch = False
+        if nexus.inner_lr > 0 and self._inner_displacement > 0 and _should_log(trainer):
+            # the buffer still holds θ0 of the window that just stepped
+            with torch.no_grad():
+                outer = nexus._global_norm(torch._foreach_sub(nexus._locals, nexus.anchor()), nexus._groups)
+            if outer > 0:
+                pl_module.log("nexus/inner_to_outer_ratio", self._inner_displacement / outer, on_step=True)
+        self._inner_displacement = 0.0
+
+    def _current_inner_lr(self, trainer: pl.Trainer) -> float:
+        if self.inner_lr_schedule == "constant" or not self._base_lr:
+            return self.inner_lr
+        return self.inner_lr * float(trainer.optimizers[0].param_groups[0]["lr"]) / self._base_lr
+
+    # ------------------------------------------------------------------ validation sees θ0
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        nexus = self.nexus
+        if nexus is not None and nexus.params_moved:
+            with torch.no_grad():
+                self._validation_stash = [t.clone() for t in nexus._locals]
+                torch._foreach_copy_(nexus._locals, nexus.anchor())
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validation_stash is not None and self.nexus is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.nexus._locals, self._validation_stash)
+            self._validation_stash = None
+
+    # ------------------------------------------------------------------ stopping and checkpoints
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.nexus is not None and self.nexus.in_window:
+            rank_zero_warn(
+                "Training stopped inside a Nexus window (e.g. max_time or should_stop): the unfinished "
+                "window is dropped and the model keeps the weights of the last outer step."
+            )
+            self.nexus.restore_anchor()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.nexus is not None:
+            self.nexus.restore_anchor()
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        nexus = self.nexus
+        if nexus is None or not nexus.params_moved or "state_dict" not in checkpoint:
+            return
+        # Mid-window the live weights are a point on the inner trajectory; θ0 pairs with the optimizer state.
+        index = {id(p): i for i, p in enumerate(nexus.params)}
+        state = checkpoint["state_dict"]
+        for name, p in pl_module.named_parameters(remove_duplicate=False):
+            if id(p) in index and name in state:
+                state[name] = _anchor_like(state[name], p, nexus.anchor()[index[id(p)]])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner_lr": self.inner_lr,
+            "normalize": self.normalize,
+            "inner_lr_schedule": self.inner_lr_schedule,
+            "skipped_windows": self.skipped_windows,
+            "completed_windows": self.completed_windows,
+            # informative: a resumed run always starts a fresh window from the saved θ0
+            "window_position": self.nexus.window_position if self.nexus is not None else 0,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_windows = int(state_dict.get("skipped_windows", 0))
+        self.completed_windows = int(state_dict.get("completed_windows", 0))
+
+
+def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _should_log(trainer: pl.Trainer) -> bool:
+    # Lightning writes step metrics only when this is True; computing norms on other steps is wasted work.
+    return bool(trainer._logger_connector.should_update_logs) and trainer.loggers != []
+
+
+def _anchor_like(saved: torch.Tensor, param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Give θ0 the form the strategy used for this entry: sharded DTensor, gathered full tensor or plain."""
+    value = anchor.to(param.dtype)
+    if DTensor is not None and isinstance(param, DTensor):
+        value = DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+        if not isinstance(saved, DTensor):
+            value = value.full_tensor()
+    return value.to(saved.device).clone()

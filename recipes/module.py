@@ -1,0 +1,389 @@
+"""``CausalLMModule``: next-token pretraining of the recipe models, with the dashboard of DESIGN.md 1.4.
+
+Logged tags: ``train/loss``, ``train/loss/<source>``, ``train/lr``, ``val/loss/<source>`` (one per val
+dataloader), ``val/loss`` (mean over in-distribution sources), ``val/loss/ood`` (mean over held-out
+sources), ``perf/tokens_per_sec`` and ``perf/mfu`` (GPUs with a known peak only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+
+from recipes.fsdp import shard_model
+from recipes.models import GPTConfig, LlamaConfig, build_model
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for 2-D hidden weights and AdamW for everything else, as one optimizer.
+
+    Lightning's automatic optimization (and so NexusCallback) drives exactly one optimizer, and LR
+    schedulers need a real ``torch.optim.Optimizer``. The two inner optimizers share this object's
+    ``param_groups`` dicts and ``state``, so ``zero_grad``, ``state_dict``/``load_state_dict`` and
+    schedulers act on all groups at once. Muon groups use ``adjust_lr_fn="match_rms_adamw"``
+    (Moonlight), so one learning rate and one schedule fit both kinds of group.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+        >>> opt = MuonWithAdamW(muon_params=[net[1].weight], adamw_params=[net[0].weight, net[1].bias], lr=1e-3)
+        >>> [g["kind"] for g in opt.param_groups]
+        ['muon', 'adamw', 'adamw']
+    """
+
+    def __init__(
+        self,
+        muon_params: Iterable[Tensor],
+        adamw_params: Iterable[Tensor],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        momentum: float = 0.95,
+        fused: bool | None = None,
+    ) -> None:
+        muon_params = list(muon_params)
+        adamw_params = list(adamw_params)
+        if not muon_params:
+            raise ValueError("MuonWithAdamW: no 2-D hidden weights for Muon; use plain AdamW instead")
+        decay = [p for p in adamw_params if p.ndim >= 2]
+        no_decay = [p for p in adamw_params if p.ndim < 2]
+        self._muon = torch.optim.Muon(
+            [{"params": muon_params, "kind": "muon"}],
+            lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw",
+        )
+        adamw_groups = [{"params": decay, "kind": "adamw"}, {"params": no_decay, "kind": "adamw", "weight_decay": 0.0}]
+        self._adamw = torch.optim.AdamW(
+            [g for g in adamw_groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas, fused=fused
+        )
+        # Same dict objects: the inner optimizers see every change made through this one.
+        super().__init__(self._muon.param_groups + self._adamw.param_groups, defaults={"lr": lr})
+        self._relink()
+
+    def _relink(self) -> None:
+        self._muon.param_groups = [g for g in self.param_groups if g["kind"] == "muon"]
+        self._adamw.param_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
+        self._muon.state = self._adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict replaces self.state and self.param_groups with new objects.
+        super().load_state_dict(state_dict)
+        self._relink()
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._muon.step()
+        self._adamw.step()
+        return loss
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16, "16-true": torch.float16}
+
+
+class CausalLMModule(LightningModule):
+    """Pretrains a GPT or Llama recipe model on source-tagged batches
+    (``{"input_ids", "labels", "source_id"}``, as produced by ``MixedSourceDataModule``).
+
+    The model is built in ``configure_model`` so that FSDP2 (``ModelParallelStrategy``) can create it on
+    the meta device and shard it block by block before any full-size weights exist.
+
+    Example::
+
+        >>> from recipes.models import GPTConfig
+        >>> module = CausalLMModule(model=GPTConfig(size="tiny"), lr=1e-3)
+        >>> module.configure_model()
+        >>> module.model.config.n_layer
+        4
+
+    Args:
+        model: architecture (``GPTConfig`` or ``LlamaConfig``; ``size`` picks a preset).
+        vocab_size: overrides ``model.vocab_size``; ``None`` takes the datamodule's ``vocab_size``
+            when there is one, else the preset's.
+        optimizer: ``adamw`` (all parameters) or ``muon`` (Muon for 2-D hidden weights, AdamW for
+            embeddings, output head, norms and biases).
+        lr: peak learning rate, reached after ``warmup_steps`` optimizer steps.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        warmup_steps: linear warmup length in optimizer (outer) steps.
+        max_steps: length of the schedule in optimizer steps; ``None`` uses the trainer's
+            ``estimated_stepping_batches``.
+        weight_decay: decoupled weight decay on matrices (not on norms and biases).
+        betas: AdamW betas.
+        muon_momentum: Muon momentum.
+        compile: ``torch.compile`` each transformer block (a training switch, so not in the model config).
+        activation_checkpointing: recompute each block in the backward pass to save activation memory.
+    """
+
+    def __init__(
+        self,
+        model: GPTConfig | LlamaConfig | None = None,
+        vocab_size: int | None = None,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        lr: float = 3e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        muon_momentum: float = 0.95,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"CausalLMModule.optimizer={optimizer!r}; choose 'adamw' or 'muon'")
+        if lr <= 0:
+            raise ValueError(f"CausalLMModule.lr={lr} must be > 0")
+        self.config = model if model is not None else GPTConfig(size="tiny")
+        if vocab_size is not None:
+            self.config.vocab_size = vocab_size
+        self.optimizer_name = optimizer
+        self.lr, self.min_lr_ratio, self.warmup_steps, self.max_steps = lr, min_lr_ratio, warmup_steps, max_steps
+        self.weight_decay, self.betas, self.muon_momentum = weight_decay, tuple(betas), muon_momentum
+        self.compile, self.activation_checkpointing = compile, activation_checkpointing
+        self.save_hyperparameters()
+        self.model: nn.Module | None = None
+        self._reset_train_window(-1)
+        self._val_sums: dict[int, Tensor] = {}
+        self._tokens_since = 0
+        self._t_since: float | None = None
+        self._perf: dict[str, float] = {}
+        self._peak_flops: float | None = None
+
+    # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        if self.hparams.vocab_size is None and getattr(dm, "vocab_size", None) is not None:
+            # The data decides the vocabulary (256 for bytes); record it so checkpoints reload alone.
+            self.config.vocab_size = int(dm.vocab_size)
+            self.hparams.vocab_size = self.config.vocab_size
+        data_block = getattr(dm, "block_size", None)
+        if data_block is not None and data_block > self.config.block_size:
+            raise ValueError(
+                f"data.block_size={data_block} exceeds the model context length model.model.block_size="
+                f"{self.config.block_size} ({type(self.config).__name__} size {self.config.size!r}): "
+                f"lower data.init_args.block_size or raise model.init_args.model.init_args.block_size"
+            )
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning calls this again for validate/test after fit
+            return
+        mesh = self.device_mesh if isinstance(self._strategy(), ModelParallelStrategy) else None
+        if mesh is None:
+            self.model = self._build()
+            return
+        if self.optimizer_name == "muon":
+            raise ValueError(
+                "CausalLMModule.optimizer='muon' is not supported with ModelParallelStrategy (FSDP2): Muon "
+                "orthogonalizes whole matrices but FSDP2 shards them; use optimizer: adamw"
+            )
+        # FSDP2: build on meta, shard per block, then allocate only this rank's shards and initialize.
+        with torch.device("meta"):
+            model = self._build()
+        param_dtype = _PRECISION_DTYPES.get(str(self.trainer.precision))
+        shard_model(model, mesh["data_parallel"], param_dtype=param_dtype)
+        model.to_empty(device=self.trainer.strategy.root_device)
+        model.reset_parameters()
+        self.model = model
+
+    def _strategy(self) -> Any:
+        return self.trainer.strategy if self._trainer is not None else None
+
+    def _build(self) -> nn.Module:
+        model = build_model(self.config)
+        model.activation_checkpointing = self.activation_checkpointing
+        if self.compile:
+            # Per block: compiles once (blocks are identical) and composes with FSDP2 and checkpointing.
+            for block in model.blocks:
+                block.compile()
+        return model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        assert self.model is not None, "call configure_model() first (the Trainer does)"
+        return self.model(input_ids)
+
+    def _token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-sample loss sums and token counts; labels of -100 are ignored."""
+        logits = self(batch["input_ids"])
+        labels = batch["labels"]
+        losses = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=-100
+        ).view_as(labels)
+        counts = (labels != -100).sum(dim=1)
+        return losses.sum(dim=1), counts
+
+    # --------------------------------------------------------------- training
+    def _source_names(self, attr: str) -> list[str] | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, attr, None)
+        return list(names) if names is not None else None
+
+    def _reset_train_window(self, step: int) -> None:
+        self._win_step = step
+        self._win_sums: dict[int, Tensor] = {}
+        self._win_counts: dict[int, Tensor] = {}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._count_tokens(batch)
+        sample_loss, sample_tokens = self._token_losses(batch)
+        loss = sample_loss.sum() / sample_tokens.sum().clamp(min=1)
+
+        # Lightning only forwards on_step values of a window's last micro-batch to the logger, so keep
+        # window sums per source and re-log every running mean: at the boundary each source seen in
+        # the window (one per micro-batch with per-source mixing) carries its window mean.
+        if self.trainer.global_step != self._win_step:
+            self._reset_train_window(self.trainer.global_step)
+        source_id = batch.get("source_id")
+        if source_id is None:
+            source_id = torch.zeros_like(sample_loss, dtype=torch.long)
+        for sid in torch.unique(source_id).tolist():
+            mask = source_id == sid
+            self._win_sums[sid] = self._win_sums.get(sid, 0) + sample_loss.detach()[mask].sum()
+            self._win_counts[sid] = self._win_counts.get(sid, 0) + sample_tokens[mask].sum()
+        names = self._source_names("source_names")
+        total_sum = sum(self._win_sums.values())
+        total_count = sum(self._win_counts.values())
+        self.log("train/loss", total_sum / total_count.clamp(min=1), prog_bar=True)
+        if batch.get("source_id") is not None:
+            for sid in self._win_sums:
+                name = names[sid] if names is not None and sid < len(names) else f"source{sid}"
+                self.log(f"train/loss/{name}", self._win_sums[sid] / self._win_counts[sid].clamp(min=1))
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
+        for key, value in self._perf.items():
+            self.log(key, value)
+        return loss
+
+    def _count_tokens(self, batch: dict[str, Tensor]) -> None:
+        """Throughput over the wall time between windows; validation time is excluded (timer reset)."""
+        now = time.perf_counter()
+        if self.trainer.global_step != self._win_step and self._t_since is not None and self._tokens_since:
+            dt = now - self._t_since
+            tokens_per_sec = self._tokens_since * self.trainer.world_size / dt
+            self._perf = {"perf/tokens_per_sec": tokens_per_sec}
+            if self._peak_flops:
+                flops = self.config.flops_per_token(batch["input_ids"].shape[1]) * tokens_per_sec
+                self._perf["perf/mfu"] = flops / (self._peak_flops * self.trainer.world_size)
+            self._tokens_since, self._t_since = 0, now
+        if self._t_since is None:
+            self._t_since = now
+        self._tokens_since += batch["input_ids"].numel()
+
+    def on_fit_start(self) -> None:
+        dtype = _PRECISION_DTYPES.get(str(self.trainer.precision), torch.float32)
+        if self.device.type == "cuda":
+            from lightning.fabric.utilities.throughput import get_available_flops
+
+            self._peak_flops = get_available_flops(self.device, dtype)
+
+    def on_validation_start(self) -> None:
+        self._t_since, self._tokens_since = None, 0
+
+    # ------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        sample_loss, sample_tokens = self._token_losses(batch)
+        sums = torch.stack([sample_loss.sum(), sample_tokens.sum().to(sample_loss.dtype)]).detach()
+        self._val_sums[dataloader_idx] = self._val_sums.get(dataloader_idx, 0) + sums
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, prefix: str) -> None:
+        """Token-weighted loss per dataloader, summed over ranks before dividing (exact under DDP/FSDP)."""
+        if not self._val_sums:
+            return
+        names = self._source_names("val_source_names") or [f"{i}" for i in range(max(self._val_sums) + 1)]
+        ood = set(self._source_names("ood_source_names") or [])
+        per_source: dict[str, Tensor] = {}
+        for idx in sorted(self._val_sums):
+            total = self.trainer.strategy.reduce(self._val_sums[idx].clone(), reduce_op="sum")
+            per_source[names[idx]] = total[0] / total[1].clamp(min=1)
+            self.log(f"{prefix}/loss/{names[idx]}", per_source[names[idx]])
+        in_dist = [v for k, v in per_source.items() if k not in ood]
+        held_out = [v for k, v in per_source.items() if k in ood]
+        if in_dist:
+            self.log(f"{prefix}/loss", torch.stack(in_dist).mean(), prog_bar=prefix == "val")
+        if held_out:
+            self.log(f"{prefix}/loss/ood", torch.stack(held_out).mean())
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        assert self.model is not None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        is_dtensor = any(isinstance(p, DTensor) for p in params) if DTensor else False
+        # Fused AdamW is one kernel for all parameters; we use it on CUDA, where it is fastest and tested
+        # with FSDP2 DTensors, and keep the default (foreach) elsewhere.
+        fused = True if all(p.device.type == "cuda" for p in params) else None
+        if self.optimizer_name == "muon":
+            if is_dtensor:
+                raise ValueError("CausalLMModule.optimizer='muon' does not support sharded (DTensor) parameters")
+            muon, other = _split_muon_params(self.model)
+            optimizer: torch.optim.Optimizer = MuonWithAdamW(
+                muon, other, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
+                momentum=self.muon_momentum, fused=fused,
+            )
+        else:
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas, fused=fused)
+        total = self.max_steps or int(self.trainer.estimated_stepping_batches)
+        if not 0 < total < 10**12:
+            raise ValueError(
+                "CausalLMModule cannot size the LR schedule: set trainer.max_steps (or model.init_args.max_steps)"
+            )
+        warmup, min_ratio = self.warmup_steps, self.min_lr_ratio
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
+        # interval=step: one scheduler step per optimizer (outer) step, i.e. per Nexus window.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _split_muon_params(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """Muon takes the 2-D weights inside the transformer blocks; embeddings and the output head are
+    lookups/classifiers rather than hidden linear maps, so they stay with AdamW (as in the Muon paper)."""
+    muon_ids = {id(p) for p in model.blocks.parameters() if p.ndim == 2 and p.requires_grad}
+    muon, other, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (muon if id(p) in muon_ids else other).append(p)
+    return muon, other

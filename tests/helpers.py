@@ -1,0 +1,126 @@
+"""Independent slow references and small Lightning fixtures shared by the tests.
+
+The reference below re-implements DESIGN.md 1.1 with a plain loop over the module's own
+``training_step`` and optimizer; it shares no code with ``lightning_nexus``."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.demos.transformer import LightningTransformer
+from torch.utils.data import DataLoader
+
+
+def loss_of(output):
+    return output["loss"] if isinstance(output, dict) else output
+
+
+def reference_nexus_training(module, batches, K, inner_lr, normalize, clip_norm=None, skip_windows=()):
+    """Train ``module`` in place with the Nexus rule, one epoch over ``batches``; return its parameters."""
+    opt = module.configure_optimizers()
+    opt = opt[0][0] if isinstance(opt, tuple) else opt
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for w, start in enumerate(range(0, len(batches), K)):
+        window = list(enumerate(batches))[start : start + K]
+        theta0 = [p.detach().clone() for p in params]
+        directions = []
+        for batch_idx, batch in window:
+            module.zero_grad(set_to_none=True)
+            loss_of(module.training_step(batch, batch_idx)).backward()
+            grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+            if normalize:
+                norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+                grads = [g / norm for g in grads]
+            directions.append(grads)
+            with torch.no_grad():
+                for p, d in zip(params, grads):
+                    p.sub_(inner_lr * d)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(theta0[i])
+                p.grad = sum(d[i] for d in directions) / len(directions)
+        if w in skip_windows:
+            continue
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def boring_batches(n=10, batch_size=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch_size, 32, generator=gen) for _ in range(n)]
+
+
+def transformer_batches(n=8, batch_size=2, seq=6, vocab=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (batch_size, seq + 1), generator=gen)
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def make_boring(seed=0):
+    torch.manual_seed(seed)
+    return BoringModel()
+
+
+class LocalTransformer(LightningTransformer):
+    """Lightning's demo transformer without its WikiText2 download (the tests feed random tokens)."""
+
+    def prepare_data(self) -> None:
+        pass
+
+
+def make_transformer(seed=0, vocab=40):
+    torch.manual_seed(seed)
+    module = LocalTransformer(vocab_size=vocab)
+    for m in module.modules():  # dropout would make the two runs draw different masks
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0
+    return module
+
+
+def fit(module, batches, K, callbacks=(), max_epochs=1, **trainer_kwargs):
+    trainer_kwargs.setdefault("logger", False)
+    trainer_kwargs.setdefault("enable_checkpointing", False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        accumulate_grad_batches=K,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def params_of(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def assert_params_close(got, want, rtol=1e-5, atol=1e-7):
+    """Per tensor, ‖got − want‖ ≤ rtol·‖want‖ + atol·√n: relative agreement of whole tensors, robust to
+    fp32 rounding in elements that happen to be near zero. rtol=atol=0 demands bit equality."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"tensor {i}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        err = (g.double() - w.double()).norm().item()
+        bound = rtol * w.double().norm().item() + atol * w.numel() ** 0.5
+        assert err <= bound, f"tensor {i}: ‖Δ‖={err:.3e} > {bound:.3e} (‖want‖={w.double().norm().item():.3e})"
+
+
+def clone_module(module):
+    return copy.deepcopy(module)
