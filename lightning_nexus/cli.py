@@ -80,7 +80,7 @@ def print_loss_table(trainer: Trainer, prefix: str = "val") -> None:
     if metrics:
         ood = metrics.pop(f"{prefix}/loss/ood", None)
         mean = metrics.pop(f"{prefix}/loss", None)
-        width = max(len("source"), *(len(k) - len(prefix) - 6 for k in metrics)) if metrics else 8
+        width = max([len("in-dist mean")] + [len(k) - len(prefix) - 6 for k in metrics])
         lines += [f"\n{prefix} loss after step {trainer.global_step}", f"  {'source':<{width}}  loss"]
         lines += [f"  {k[len(prefix) + 6:]:<{width}}  {v:.4f}" for k, v in metrics.items()]
         if mean is not None:
