@@ -18,7 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -101,6 +101,13 @@ class NexusCallback(Callback):
                 "NexusCallback cannot run under DeepSpeed: DeepSpeed accumulates gradients inside its own "
                 "engine, so the per-micro-batch gradients Nexus needs never reach Lightning's hooks. "
                 "Use strategy='nexus_ddp', or FSDP (ModelParallelStrategy / FSDPStrategy) for sharding."
+            )
+        if isinstance(strategy, FSDPStrategy):
+            raise RuntimeError(
+                "NexusCallback does not support FSDP1 (FSDPStrategy) yet: its flat-parameter shards are plain "
+                "tensors, so the global gradient norm of the normalized inner step cannot be formed from them. "
+                "Use FSDP2: strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+                "`fully_shard` in configure_model (see recipes/*_fsdp.yaml)."
             )
         if isinstance(strategy, DDPStrategy) and not getattr(strategy, "supports_nexus", False):
             if strategy.world_size > 1:
@@ -191,8 +198,7 @@ class NexusCallback(Callback):
         self._stepped_this_batch = False
         if nexus.inner_lr > 0 and self._inner_displacement > 0 and _should_log(trainer):
             # the buffer still holds θ0 of the window that just stepped
-            with torch.no_grad():
-                outer = nexus._global_norm(torch._foreach_sub(nexus._locals, nexus.anchor()), nexus._groups)
+            outer = nexus.distance_to_anchor()
             if outer > 0:
                 pl_module.log("nexus/inner_to_outer_ratio", self._inner_displacement / outer, on_step=True)
         self._inner_displacement = 0.0

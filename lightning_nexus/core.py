@@ -218,6 +218,14 @@ class Nexus:
         if grads:  # a norm can overflow while every element is finite: make the skip unmistakable
             grads[0].fill_(float("nan"))
 
+    @torch.no_grad()
+    def distance_to_anchor(self) -> float:
+        """‖θ − θ0‖ over all parameters and shards, e.g. the outer step right after ``optimizer.step()``
+        (the buffer holds θ0 until the next window starts; only meaningful with γ > 0)."""
+        # one tensor-sized temporary at a time, not a second copy of the model
+        norms = [torch.linalg.vector_norm(t.to(a.dtype) - a).double() for t, a in zip(self._locals, self._buffer)]
+        return self._reduce_norms(norms, self._groups)
+
     def _global_norm(self, tensors: list[Tensor], groups: list[tuple]) -> float:
         if not tensors:
             return 0.0
@@ -229,7 +237,11 @@ class Nexus:
             if ids:
                 for i, n in zip(ids, torch._foreach_norm([tensors[i] for i in ids], 2, **kwargs)):
                     norms[i] = n.double()
-        total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+        return self._reduce_norms(norms, groups)
+
+    @staticmethod
+    def _reduce_norms(norms: list[Tensor], groups: list[tuple]) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=norms[0].device)
         by_group: dict[tuple, list[Tensor]] = {}
         for n, g in zip(norms, groups):
             by_group.setdefault(g, []).append(n)

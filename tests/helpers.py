@@ -77,6 +77,26 @@ class LocalTransformer(LightningTransformer):
         pass
 
 
+def make_mlp(seed=0):
+    """A small MLP whose layers shard evenly over 2 ranks (FSDP2 tests)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+
+class MLPModule(pl.LightningModule):
+    """The unsharded twin of the FSDP2 worker's module, for references."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.net = make_mlp(seed)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch), torch.ones(batch.shape[0], 2))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def make_transformer(seed=0, vocab=40):
     torch.manual_seed(seed)
     module = LocalTransformer(vocab_size=vocab)

@@ -14,17 +14,17 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def run_ddp(tmp_path, sync="every", strategy="nexus", inner_lr=0.1, K=3, n=12):
+def run_ddp(tmp_path, sync="every", strategy="nexus", inner_lr=0.1, K=3, n=12, phase="full"):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests/integration/ddp_worker.py"), str(tmp_path), sync, strategy, str(inner_lr), str(K), str(n)],
+        [sys.executable, str(ROOT / "tests/integration/ddp_worker.py"), str(tmp_path), sync, strategy, str(inner_lr), str(K), str(n), phase],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     return proc
 
 
-def load_ranks(tmp_path):
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def load_ranks(tmp_path, phase="full"):
+    return [torch.load(tmp_path / f"{phase}_rank{r}.pt")["params"] for r in range(2)]
 
 
 def test_sync_every_equals_single_process_on_the_global_micro_batch(tmp_path):
@@ -89,3 +89,20 @@ def test_plain_ddp_with_two_processes_is_refused(tmp_path):
     proc = run_ddp(tmp_path, strategy="ddp")
     assert proc.returncode != 0
     assert "strategy='nexus_ddp'" in proc.stderr
+
+
+def test_resume_from_mid_window_checkpoint(tmp_path):
+    proc = run_ddp(tmp_path, sync="every", phase="save")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=False)
+    anchor = torch.load(tmp_path / "anchor0.pt")
+    saved = [ckpt["state_dict"][name] for name, _ in make_boring().named_parameters()]
+    assert_params_close(saved, anchor, rtol=0, atol=0)  # the window's θ0, not the inner trajectory
+    assert ckpt["global_step"] == 1
+
+    proc = run_ddp(tmp_path, sync="every", phase="resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = [torch.load(tmp_path / f"resume_rank{r}.pt") for r in range(2)]
+    assert_params_close(resumed[0]["params"], resumed[1]["params"], rtol=0, atol=0)
+    assert resumed[0]["global_step"] == resumed[1]["global_step"] == 2
+    assert all(torch.isfinite(p).all() for p in resumed[0]["params"])

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from lightning_nexus import NexusCallback
 from tests.helpers import (
@@ -234,6 +234,12 @@ def test_deepspeed_is_refused():
         NexusCallback().setup(_fake_trainer(strategy), BoringModel(), "fit")
 
 
+def test_fsdp1_is_refused_with_the_fsdp2_alternative():
+    strategy = FSDPStrategy.__new__(FSDPStrategy)  # constructing it for real needs CUDA
+    with pytest.raises(RuntimeError, match="ModelParallelStrategy"):
+        NexusCallback().setup(_fake_trainer(strategy), BoringModel(), "fit")
+
+
 def test_plain_ddp_with_several_processes_is_refused():
     env = LightningEnvironment()
     env.set_world_size(2)
@@ -257,3 +263,39 @@ def test_bf16_true_with_an_invisible_inner_step_is_refused():
     module = make_boring()
     with pytest.raises(RuntimeError, match="bf16-mixed"):
         fit(module, boring_batches(n=4), K=2, callbacks=[NexusCallback(inner_lr=1e-5)], precision="bf16-true")
+
+
+@pytest.mark.filterwarnings("ignore:NexusCallback with accumulate_grad_batches=1")
+def test_logged_metrics_have_their_defined_values(tmp_path):
+    """K=1, normalized, γ=0.1: one inner step of length exactly γ, ‖G‖ = 1; BoringModel's SGD (lr 0.1)
+    then moves the weights by lr·‖G‖ = 0.1, so inner/outer = 1."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = fit(
+        make_boring(), boring_batches(n=3), K=1, callbacks=[NexusCallback(inner_lr=0.1)],
+        logger=CSVLogger(tmp_path), log_every_n_steps=1,
+    )
+    metrics = trainer.callback_metrics
+    assert metrics["nexus/pseudo_grad_norm"].item() == pytest.approx(1.0, rel=1e-5)
+    assert metrics["nexus/inner_displacement"].item() == pytest.approx(0.1, rel=1e-5)
+    assert metrics["nexus/inner_to_outer_ratio"].item() == pytest.approx(1.0, rel=1e-4)
+    assert metrics["nexus/skipped_windows"].item() == 0
+    assert metrics["nexus/inner_lr"].item() == pytest.approx(0.1)
+
+
+def test_inner_lr_follows_the_outer_schedule():
+    class Decaying(BoringModel):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s), "interval": "step"}]
+
+    seen = []
+
+    class _Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(cb.nexus.inner_lr)
+
+    cb = NexusCallback(inner_lr=0.2, inner_lr_schedule="follow_outer")
+    torch.manual_seed(0)
+    fit(Decaying(), boring_batches(n=6), K=2, callbacks=[cb, _Spy()])
+    assert seen[1::2] == pytest.approx([0.2, 0.1, 0.05])  # γ_t = γ·lr_t/lr_0, fixed within a window
