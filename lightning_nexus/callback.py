@@ -177,9 +177,11 @@ class NexusCallback(Callback):
                 grads = [_local(p.grad) for p in nexus.params if p.grad is not None]
                 torch._foreach_mul_(grads, scaler.get_scale())
         self._stepped_this_batch = True
+        if not _should_log(trainer):  # self.log costs ~1 ms a call on CPU: only on steps Lightning writes
+            return
         pl_module.log("nexus/skipped_windows", float(self.skipped_windows), on_step=True, on_epoch=False)
         pl_module.log("nexus/inner_lr", result.inner_lr, on_step=True, on_epoch=False)
-        if not skipped and _should_log(trainer):
+        if not skipped:
             norm = nexus.pseudo_grad_norm()
             if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
                 norm /= scaler.get_scale()
@@ -247,9 +249,20 @@ class NexusCallback(Callback):
         # Mid-window the live weights are a point on the inner trajectory; θ0 pairs with the optimizer state.
         index = {id(p): i for i, p in enumerate(nexus.params)}
         state = checkpoint["state_dict"]
+        # Sharded checkpoints hold DTensors on every rank. A full one (FSDP2 with
+        # save_distributed_checkpoint=False) holds gathered tensors on rank 0 and nothing elsewhere, so
+        # every rank must join the gathers, in the same order, whether or not it keeps the result.
+        gather = DTensor is not None and not any(isinstance(v, DTensor) for v in state.values())
         for name, p in pl_module.named_parameters(remove_duplicate=False):
-            if id(p) in index and name in state:
-                state[name] = _anchor_like(state[name], p, nexus.anchor()[index[id(p)]])
+            if id(p) not in index:
+                continue
+            anchor = nexus.anchor()[index[id(p)]].to(p.dtype)
+            if DTensor is not None and isinstance(p, DTensor):
+                anchor = DTensor.from_local(anchor, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                if gather:
+                    anchor = anchor.full_tensor()
+            if name in state:
+                state[name] = anchor.to(state[name].device).clone()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -277,13 +290,3 @@ def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
 def _should_log(trainer: pl.Trainer) -> bool:
     # Lightning writes step metrics only when this is True; computing norms on other steps is wasted work.
     return bool(trainer._logger_connector.should_update_logs) and trainer.loggers != []
-
-
-def _anchor_like(saved: torch.Tensor, param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """Give θ0 the form the strategy used for this entry: sharded DTensor, gathered full tensor or plain."""
-    value = anchor.to(param.dtype)
-    if DTensor is not None and isinstance(param, DTensor):
-        value = DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-        if not isinstance(saved, DTensor):
-            value = value.full_tensor()
-    return value.to(saved.device).clone()

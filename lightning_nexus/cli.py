@@ -13,6 +13,7 @@ datamodule in ``setup`` and checks ``data.block_size`` against its context lengt
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -95,7 +96,13 @@ def print_loss_table(trainer: Trainer, prefix: str = "val") -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-nexus`` console script."""
+    """Entry point of the ``lightning-nexus`` console script (``fit``/``validate``/``test``/..., or ``compare``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:  # reads finished runs: no Trainer, so routed before LightningCLI parses
+        from lightning_nexus.report import main as compare_main
+
+        compare_main(argv[1:])
+        return
     NexusCLI(args=args)
 
 

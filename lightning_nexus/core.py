@@ -15,6 +15,7 @@ the displacement; with γ = 0 the parameters never move, so the same buffer accu
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable
@@ -223,7 +224,7 @@ class Nexus:
         """‖θ − θ0‖ over all parameters and shards, e.g. the outer step right after ``optimizer.step()``
         (the buffer holds θ0 until the next window starts; only meaningful with γ > 0)."""
         # one tensor-sized temporary at a time, not a second copy of the model
-        norms = [torch.linalg.vector_norm(t.to(a.dtype) - a).double() for t, a in zip(self._locals, self._buffer)]
+        norms = [torch.linalg.vector_norm(t.to(a.dtype) - a) for t, a in zip(self._locals, self._buffer)]
         return self._reduce_norms(norms, self._groups)
 
     def _global_norm(self, tensors: list[Tensor], groups: list[tuple]) -> float:
@@ -236,7 +237,7 @@ class Nexus:
         for ids, kwargs in ((low, {"dtype": torch.float32}), (high, {})):
             if ids:
                 for i, n in zip(ids, torch._foreach_norm([tensors[i] for i in ids], 2, **kwargs)):
-                    norms[i] = n.double()
+                    norms[i] = n
         return self._reduce_norms(norms, groups)
 
     @staticmethod
@@ -246,7 +247,9 @@ class Nexus:
         for n, g in zip(norms, groups):
             by_group.setdefault(g, []).append(n)
         for group, ns in by_group.items():
-            sq = torch.stack(ns).square().sum()
+            # float64 for the sum: no overflow or cancellation however many tensors there are
+            dtype = functools.reduce(torch.promote_types, {n.dtype for n in ns})
+            sq = torch.stack([n.to(dtype) for n in ns]).double().square().sum()
             for pg in group:  # sharded tensors: each rank holds a disjoint piece
                 dist.all_reduce(sq, group=pg)
             total = total + sq

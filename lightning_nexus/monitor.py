@@ -49,7 +49,7 @@ AUTO_EXACT_MAX_FLOATS = 2**24
 """``mode="auto"`` keeps exact per-micro-batch gradients while K × (local parameter count) stays below
 this many floats (64 MiB); larger models are sketched."""
 
-_MIX = (-7046029254386353131, -4658895280553007687, -7723592293110705685)  # splitmix64 constants as int64
+_SEED = 0x5EED_0000
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,12 @@ class GradSimilarityMonitor(Callback):
                 self._offsets.append(self._group_size.get(group, 0))
                 self._group_size[group] = self._group_size.get(group, 0) + _local(p).numel()
         sharded = any(self._group_of)
+        if sharded and sum(isinstance(cb, GradSimilarityMonitor) for cb in trainer.callbacks) > 1:
+            raise RuntimeError(
+                "Only one GradSimilarityMonitor per Trainer is supported with sharded (FSDP2) parameters: each "
+                "monitor moves the running .grad aside while it reads a micro-batch's shard, and a second one "
+                "would read the running sum. Keep one monitor."
+            )
         # DDP replicas hold rank-local gradients; FSDP2 shards already hold the averaged gradient.
         self._replicated_world = trainer.world_size if isinstance(trainer.strategy, DDPStrategy) and not sharded else 1
         floats = trainer.accumulate_grad_batches * sum(self._group_size.values())
@@ -320,7 +326,8 @@ class GradSimilarityMonitor(Callback):
                 vectors = vectors.clone()
                 dist.all_reduce(vectors)
                 vectors /= self._replicated_world
-            g = (vectors.double() @ vectors.double().T)
+            # fp32 GEMM: a float64 copy of K full gradients cost more than the rest of the window's work
+            g = (vectors @ vectors.T).double()
             for pg in group:  # disjoint shards: their inner products add up
                 dist.all_reduce(g, group=pg)
             gram = g if gram is None else gram + g
@@ -354,16 +361,15 @@ def _summarize(step: int, labels: tuple[str, ...], cosine: Tensor, norms: Tensor
 
 
 def _count_sketch_hash(offset: int, n: int, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Bucket in [0, m) and sign ±1 of elements ``offset .. offset+n`` of the flattened local gradient.
+    """Bucket in [0, m) and sign ±1 of elements ``offset .. offset+n`` of a group's flattened local gradient.
 
-    splitmix64 of the element's position, recomputed on every call: storing the hashes would cost as much
-    memory as the model. Positions are local, so FSDP2 shards hash alike; that is fine because their Gram
-    matrices are summed, never their sketches.
+    Drawn from a generator seeded by ``offset``, so every rank and every micro-batch gets the same
+    hashes without storing them (that would cost as much memory as the model); one ``randint`` is
+    several times cheaper than an arithmetic hash of the positions. FSDP2 shards hash alike, which is
+    fine because their Gram matrices are summed, never their sketches.
     """
-    z = torch.arange(offset + 1, offset + n + 1, dtype=torch.int64, device=device) * _MIX[0]
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX[1]
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX[2]
-    z = z ^ ((z >> 31) & ((1 << 33) - 1))
-    bucket = (z & ((1 << 40) - 1)) % m
-    sign = ((z >> 62) & 1).float().mul_(-2).add_(1)
-    return bucket, sign
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_SEED + offset)
+    r = torch.randint(0, 2 * m, (n,), generator=gen, device=device)
+    sign = (r & 1).float().mul_(2).sub_(1)
+    return r >> 1, sign

@@ -277,7 +277,7 @@ class CausalLMModule(LightningModule):
         if optimizer is not None:
             self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
         for key, value in self._perf.items():
-            self.log(key, value)
+            self.log(key, value, prog_bar=key == "perf/tokens_per_sec")
         return loss
 
     def _count_tokens(self, batch: dict[str, Tensor]) -> None:

@@ -75,8 +75,10 @@ def strip_run_name(cfg: dict) -> dict:
 def test_baseline_twin_differs_only_in_the_callback(name):
     nexus = yaml.safe_load((RECIPES / name).read_text())
     twin = yaml.safe_load((RECIPES / twin_of(name)).read_text())
-    assert [c["class_path"] for c in nexus["trainer"]["callbacks"]] == ["lightning_nexus.NexusCallback"]
-    assert twin["trainer"]["callbacks"] == []
+    nexus_callbacks = nexus["trainer"]["callbacks"]
+    assert [c["class_path"] for c in nexus_callbacks].count("lightning_nexus.NexusCallback") == 1
+    # the twin keeps every other callback (e.g. the gradient-similarity monitor), so both get the same curves
+    assert twin["trainer"]["callbacks"] == [c for c in nexus_callbacks if c["class_path"] != "lightning_nexus.NexusCallback"]
     assert strip_run_name(nexus) == strip_run_name(twin)
 
 

@@ -57,3 +57,9 @@ def test_manual_optimization_example_matches_reference(tmp_path):
     trainer.fit(manual, train_dataloaders=DataLoader(batches, batch_size=None))
     want = reference_nexus_training(reference, batches, K=4, inner_lr=0.05, normalize=True)
     assert_params_close([p.detach() for p in manual.parameters()], want)
+
+
+def test_readme_model_table_is_the_code_output():
+    from recipes.models import size_table
+
+    assert size_table() in README.read_text()
