@@ -94,7 +94,7 @@ class MLPModule(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(batch), torch.ones(batch.shape[0], 2))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)  # stateful: resume restores it
 
 
 def make_transformer(seed=0, vocab=40):

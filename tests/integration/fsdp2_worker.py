@@ -35,7 +35,7 @@ class ShardedMLP(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(batch), torch.ones(batch.shape[0], 2))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)  # stateful: resume restores it
 
 
 class _SaveMidWindow(pl.Callback):
