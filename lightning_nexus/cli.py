@@ -104,6 +104,10 @@ def main(args: list[str] | None = None) -> None:
         compare_main(argv[1:])
         return
     NexusCLI(args=args)
+    # Lightning leaves the process group alive after fit; without this, gloo/DCP threads can abort the
+    # process at interpreter exit ("terminate called without an active exception") after a good run.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -83,6 +83,16 @@ def make_mlp(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
 
 
+def shard_mlp(net, mesh):
+    """FSDP2 over a Sequential's Linear layers, then the root: what the FSDP2 workers' configure_model does."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
 class MLPModule(pl.LightningModule):
     """The unsharded twin of the FSDP2 worker's module, for references."""
 

@@ -50,3 +50,7 @@ def main(out: str, sync: str, strategy_name: str, inner_lr: float, K: int, n: in
 if __name__ == "__main__":
     out, sync, strategy_name, inner_lr, K, n, phase = sys.argv[1:8]
     main(out, sync, strategy_name, float(inner_lr), int(K), int(n), phase)
+    # Lightning keeps the process group alive after fit; tearing it down before exit avoids an abort
+    # ("terminate called without an active exception") from gloo/DCP threads at interpreter shutdown.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

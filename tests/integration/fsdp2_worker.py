@@ -12,11 +12,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
 from lightning_nexus import NexusCallback
-from tests.helpers import boring_batches, make_mlp
+from tests.helpers import boring_batches, make_mlp, shard_mlp
 
 
 class ShardedMLP(pl.LightningModule):
@@ -25,11 +24,7 @@ class ShardedMLP(pl.LightningModule):
         self.net = make_mlp()
 
     def configure_model(self):
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        shard_mlp(self.net, self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):
         return torch.nn.functional.mse_loss(self.net(batch), torch.ones(batch.shape[0], 2))
@@ -75,3 +70,7 @@ def main(out: str, inner_lr: float, K: int, n: int, phase: str, checkpoint: str)
 if __name__ == "__main__":
     out, inner_lr, K, n, phase, checkpoint = sys.argv[1:7]
     main(out, float(inner_lr), int(K), int(n), phase, checkpoint)
+    # Lightning keeps the process group alive after fit; tearing it down before exit avoids an abort
+    # ("terminate called without an active exception") from gloo/DCP threads at interpreter shutdown.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_nexus import NexusCallback, NexusDDPStrategy
 from lightning_nexus.monitor import GradSimilarityMonitor
+from tests.helpers import shard_mlp
 
 K = 3
 NAMES = ["alpha", "beta", "gamma"]
@@ -43,13 +44,7 @@ class Module(pl.LightningModule):
 
     def configure_model(self) -> None:
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.net, mesh=mesh)
+            shard_mlp(self.net, self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):
         return loss_fn(self.net, batch)
@@ -106,3 +101,7 @@ def main(out: str, strategy_name: str, nexus: bool, n: int, modes: list[str]) ->
 if __name__ == "__main__":
     out, strategy_name, nexus, n, modes = sys.argv[1:6]
     main(out, strategy_name, nexus == "nexus", int(n), modes.split(","))
+    # Lightning keeps the process group alive after fit; tearing it down before exit avoids an abort
+    # ("terminate called without an active exception") from gloo/DCP threads at interpreter shutdown.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
