@@ -138,6 +138,14 @@ class NexusCallback(Callback):
         group = optimizer.param_groups[0]
         self._base_lr = float(group.get("initial_lr", group["lr"]))
 
+    def _follow_trainable_set(self, trainer: pl.Trainer) -> None:
+        """Rebuild the core at a window start if parameters were (un)frozen since it was built; otherwise
+        a newly unfrozen layer would silently get plain accumulation instead of Nexus."""
+        assert self.nexus is not None
+        current = [p for g in trainer.optimizers[0].param_groups for p in g["params"] if p.requires_grad]
+        if len(current) != len(self.nexus.params) or any(a is not b for a, b in zip(current, self.nexus.params)):
+            self.nexus = Nexus(trainer.optimizers[0].param_groups, inner_lr=self.inner_lr, normalize=self.normalize)
+
     # ------------------------------------------------------------------ the window
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -145,6 +153,8 @@ class NexusCallback(Callback):
         if nexus is None or not trainer.training:
             return
         if not nexus.in_window:
+            self._follow_trainable_set(trainer)
+            nexus = self.nexus
             nexus.inner_lr = self._current_inner_lr(trainer)
         scaler = _grad_scaler(trainer)
         amp_scale = scaler.get_scale() if scaler is not None else 1.0

@@ -299,3 +299,54 @@ def test_inner_lr_follows_the_outer_schedule():
     torch.manual_seed(0)
     fit(Decaying(), boring_batches(n=6), K=2, callbacks=[cb, _Spy()])
     assert seen[1::2] == pytest.approx([0.2, 0.1, 0.05])  # γ_t = γ·lr_t/lr_0, fixed within a window
+
+
+def test_unfreezing_a_layer_mid_run_brings_it_under_nexus():
+    """Layer frozen for the first window, trainable from the second: the reference treats it the same."""
+
+    class TwoLayer(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 8), torch.nn.Linear(8, 2)
+            self.b.requires_grad_(False)
+
+        def training_step(self, batch, batch_idx):
+            return self.b(torch.tanh(self.a(batch))).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Unfreeze(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 4:
+                pl_module.b.requires_grad_(True)
+
+    torch.manual_seed(0)
+    module = TwoLayer()
+    reference = clone_module(module)
+    batches = boring_batches(n=8)
+    fit(module, batches, K=4, callbacks=[NexusCallback(inner_lr=0.2), Unfreeze()])
+
+    # reference: window 1 with b frozen (only a moves), window 2 with everything
+    opt = reference.configure_optimizers()
+    for start in (0, 4):
+        params = [p for p in reference.parameters() if start == 4 or p is not reference.b.weight and p is not reference.b.bias]
+        if start == 4:
+            reference.b.requires_grad_(True)
+        theta0 = [p.detach().clone() for p in params]
+        ds = []
+        for i in range(start, start + 4):
+            reference.zero_grad(set_to_none=True)
+            reference.training_step(batches[i], i).backward()
+            g = [p.grad.detach().clone() for p in params]
+            norm = torch.sqrt(sum((x.double() ** 2).sum() for x in g)).float()
+            ds.append([x / norm for x in g])
+            with torch.no_grad():
+                for p, d in zip(params, ds[-1]):
+                    p.sub_(0.2 * d)
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                p.copy_(theta0[j])
+                p.grad = sum(d[j] for d in ds) / len(ds)
+        opt.step()
+    assert_params_close(params_of(module), params_of(reference))
