@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_nexus.core import DTensor, Nexus, _local
+from lightning_nexus.core import DTensor, Nexus, _local, _unique_trainable
 
 DEFAULT_INNER_LR = 0.05
 """Default γ. Measured on a 0.84M-parameter GPT with 3 sources, K=3 and AdamW lr 1e-3 (DESIGN.md 8):
@@ -55,6 +55,8 @@ class NexusCallback(Callback):
         trainer = Trainer(max_steps=4, accumulate_grad_batches=4, callbacks=[NexusCallback(inner_lr=0.05)])
         trainer.fit(BoringModel())
     """
+
+    nexus_window_reducer = True  # NexusDDPStrategy(sync="window") requires a callback that calls reduce_window
 
     def __init__(
         self,
@@ -142,7 +144,7 @@ class NexusCallback(Callback):
         """Rebuild the core at a window start if parameters were (un)frozen since it was built; otherwise
         a newly unfrozen layer would silently get plain accumulation instead of Nexus."""
         assert self.nexus is not None
-        current = [p for g in trainer.optimizers[0].param_groups for p in g["params"] if p.requires_grad]
+        current = _unique_trainable(trainer.optimizers[0].param_groups)
         if len(current) != len(self.nexus.params) or any(a is not b for a, b in zip(current, self.nexus.params)):
             self.nexus = Nexus(trainer.optimizers[0].param_groups, inner_lr=self.inner_lr, normalize=self.normalize)
 

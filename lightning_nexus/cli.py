@@ -42,7 +42,9 @@ class NexusCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         model_class = kwargs.pop("model_class", LightningModule)
-        datamodule_class = kwargs.pop("datamodule_class", LightningDataModule)
+        # None (not LightningDataModule): LightningCLI then makes `data` optional, so modules that bring
+        # their own dataloaders run too
+        datamodule_class = kwargs.pop("datamodule_class", None)
         super().__init__(model_class, datamodule_class, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:

@@ -242,14 +242,15 @@ class Nexus:
 
     @staticmethod
     def _reduce_norms(norms: list[Tensor], groups: list[tuple]) -> float:
-        total = torch.zeros((), dtype=torch.float64, device=norms[0].device)
+        wide = _wide(norms[0].device)
+        total = torch.zeros((), dtype=wide, device=norms[0].device)
         by_group: dict[tuple, list[Tensor]] = {}
         for n, g in zip(norms, groups):
             by_group.setdefault(g, []).append(n)
         for group, ns in by_group.items():
-            # float64 for the sum: no overflow or cancellation however many tensors there are
+            # a wide sum: no overflow or cancellation however many tensors there are
             dtype = functools.reduce(torch.promote_types, {n.dtype for n in ns})
-            sq = torch.stack([n.to(dtype) for n in ns]).double().square().sum()
+            sq = torch.stack([n.to(dtype) for n in ns]).to(wide).square().sum()
             for pg in group:  # sharded tensors: each rank holds a disjoint piece
                 dist.all_reduce(sq, group=pg)
             total = total + sq
@@ -265,6 +266,12 @@ class Nexus:
             wanted = g != 0
             lost += int(((self._locals[i].float() == self._buffer[i]) & wanted).sum())
             moved += int(wanted.sum())
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            # ranks see different data (DDP window mode) or shards (FSDP2): decide together, or one rank
+            # raises while the others wait in the next collective
+            counts = torch.tensor([lost, moved], dtype=_wide(grads[0].device), device=grads[0].device)
+            dist.all_reduce(counts)
+            lost, moved = int(counts[0].item()), int(counts[1].item())
         frac = lost / max(moved, 1)
         msg = (
             f"Nexus: {frac:.0%} of the inner updates γ·d (γ={self._window_lr}) vanish when rounded to the "
@@ -276,6 +283,11 @@ class Nexus:
             raise RuntimeError(msg)
         if frac > _LOST_UPDATE_WARN:
             warnings.warn(msg, stacklevel=3)
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    """Accumulation dtype for sums of squares: float64, except on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _unique_trainable(params: Iterable[Tensor] | Iterable[dict]) -> list[Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 _BUCKET_BYTES = 64 * 2**20
 
@@ -67,6 +70,16 @@ class NexusDDPStrategy(DDPStrategy):
             f"(fp32 gradients, {numel:,} parameters) per window of K micro-batches."
         )
 
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        if self.sync == "window" and not any(getattr(cb, "nexus_window_reducer", False) for cb in trainer.callbacks):
+            raise RuntimeError(
+                "NexusDDPStrategy(sync='window') switches DDP's gradient all-reduce off and averages only the "
+                "pseudo-gradient that NexusCallback hands over; without NexusCallback the ranks would never "
+                "sync. Add NexusCallback, or use sync='every' (or plain 'ddp') for a run without Nexus."
+            )
+        super().setup(trainer)
+
     def reduce_window(self, params: list[Tensor], skipped: bool) -> bool:
         """Average the pseudo-gradients in ``.grad`` across ranks (window mode; a no-op in every mode).
 
@@ -74,6 +87,9 @@ class NexusDDPStrategy(DDPStrategy):
         """
         if self.sync != "window" or self.world_size == 1:
             return skipped
+        # With backward sync off, DDP also stops broadcasting buffers (BatchNorm statistics) before
+        # forward; ask for one broadcast from rank 0 in the next forward, once per window.
+        self.model.require_forward_param_sync = True  # type: ignore[union-attr]
         device = params[0].device
         # one flag per parameter (did any rank produce a gradient?) and one for "some rank skipped"
         flags = torch.tensor(

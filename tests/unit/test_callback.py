@@ -350,3 +350,11 @@ def test_unfreezing_a_layer_mid_run_brings_it_under_nexus():
                 p.grad = sum(d[j] for d in ds) / len(ds)
         opt.step()
     assert_params_close(params_of(module), params_of(reference))
+
+
+def test_window_mode_without_nexus_callback_is_refused():
+    """sync='window' turns DDP's all-reduce off: without the callback nothing would ever sync the ranks."""
+    from lightning_nexus import NexusDDPStrategy
+
+    with pytest.raises(RuntimeError, match="without NexusCallback the ranks would never sync"):
+        NexusDDPStrategy(sync="window").setup(SimpleNamespace(callbacks=[]))
