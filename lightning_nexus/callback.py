@@ -135,10 +135,12 @@ class NexusCallback(Callback):
                 f"NexusCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Combine parameter "
                 "groups into one optimizer (a composite optimizer for e.g. Muon + AdamW)."
             )
-        optimizer = trainer.optimizers[0]
-        self.nexus = Nexus(optimizer.param_groups, inner_lr=self.inner_lr, normalize=self.normalize)
-        group = optimizer.param_groups[0]
+        self._build_nexus(trainer)
+        group = trainer.optimizers[0].param_groups[0]
         self._base_lr = float(group.get("initial_lr", group["lr"]))
+
+    def _build_nexus(self, trainer: pl.Trainer) -> None:
+        self.nexus = Nexus(trainer.optimizers[0].param_groups, inner_lr=self.inner_lr, normalize=self.normalize)
 
     def _follow_trainable_set(self, trainer: pl.Trainer) -> None:
         """Rebuild the core at a window start if parameters were (un)frozen since it was built; otherwise
@@ -146,7 +148,7 @@ class NexusCallback(Callback):
         assert self.nexus is not None
         current = _unique_trainable(trainer.optimizers[0].param_groups)
         if len(current) != len(self.nexus.params) or any(a is not b for a, b in zip(current, self.nexus.params)):
-            self.nexus = Nexus(trainer.optimizers[0].param_groups, inner_lr=self.inner_lr, normalize=self.normalize)
+            self._build_nexus(trainer)
 
     # ------------------------------------------------------------------ the window
     @override
@@ -172,6 +174,8 @@ class NexusCallback(Callback):
             return
         result = nexus.finish_window()
         scaler = _grad_scaler(trainer)
+        # fused optimizers unscale inside step(): they must be handed G in the scaled domain
+        scaled_step = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
         skipped = result.skipped
         reduce_window = getattr(trainer.strategy, "reduce_window", None)
         if reduce_window is not None:  # NexusDDPStrategy(sync="window") averages G and agrees on skips
@@ -184,8 +188,7 @@ class NexusCallback(Callback):
                 optimizer.zero_grad(set_to_none=True)
         else:
             self.completed_windows += 1
-            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-                # fused optimizers unscale inside step(): hand them G in the scaled domain
+            if scaled_step:
                 grads = [_local(p.grad) for p in nexus.params if p.grad is not None]
                 torch._foreach_mul_(grads, scaler.get_scale())
         self._stepped_this_batch = True
@@ -195,7 +198,7 @@ class NexusCallback(Callback):
         pl_module.log("nexus/inner_lr", result.inner_lr, on_step=True, on_epoch=False)
         if not skipped:
             norm = nexus.pseudo_grad_norm()
-            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            if scaled_step:
                 norm /= scaler.get_scale()
             # G = (θ0 − θ_K)/(γn), so the displacement needs no extra pass
             self._inner_displacement = result.inner_lr * result.num_micro_batches * norm

@@ -15,22 +15,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from lightning_nexus import NexusCallback
-from tests.helpers import boring_batches, make_mlp, shard_mlp
+from tests.helpers import MLPModule, boring_batches, shard_mlp
 
 
-class ShardedMLP(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = make_mlp()
+class ShardedMLP(MLPModule):
+    """MLPModule (the single-process reference's module), sharded with FSDP2."""
 
     def configure_model(self):
         shard_mlp(self.net, self.device_mesh["data_parallel"])
-
-    def training_step(self, batch, batch_idx):
-        return torch.nn.functional.mse_loss(self.net(batch), torch.ones(batch.shape[0], 2))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)  # stateful: resume restores it
 
 
 class _SaveMidWindow(pl.Callback):
