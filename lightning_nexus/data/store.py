@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 MANIFEST = "manifest.json"
 TOKENS_FILE = "tokens.npy"  # the pre-optimize staging array, deleted after the build
@@ -59,20 +61,26 @@ def _optimize(tokens_path: Path, n_tokens: int, out_dir: Path, chunk_tokens: int
     # to start than spawn for a few MB), and we put back whatever the caller had.
     previous = multiprocessing.get_start_method(allow_none=True)
     method = "fork" if sys.platform.startswith("linux") else "spawn"
+    # litdata also draws from the global RNGs: without restoring them a cold build would shift seeded
+    # model init, and one seed would give different runs depending on whether the cache existed
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        optimize(
-            fn=_yield_slice,
-            inputs=pieces,
-            output_dir=str(out_dir),
-            chunk_bytes=chunk_tokens * itemsize + 4096,  # room for the header: one piece per chunk
-            item_loader=TokensLoader(),
-            num_workers=1,  # one worker keeps the chunk order, hence the bytes, deterministic
-            reorder_files=False,
-            mode="overwrite",
-            start_method=method,
-            verbose=False,
-        )
+        with torch.random.fork_rng():
+            optimize(
+                fn=_yield_slice,
+                inputs=pieces,
+                output_dir=str(out_dir),
+                chunk_bytes=chunk_tokens * itemsize + 4096,  # room for the header: one piece per chunk
+                item_loader=TokensLoader(),
+                num_workers=1,  # one worker keeps the chunk order, hence the bytes, deterministic
+                reorder_files=False,
+                mode="overwrite",
+                start_method=method,
+                verbose=False,
+            )
     finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
         if previous is not None and previous != multiprocessing.get_start_method(allow_none=True):
             multiprocessing.set_start_method(previous, force=True)
     index = out_dir / "index.json"

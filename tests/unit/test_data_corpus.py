@@ -125,3 +125,21 @@ def test_bpe_tokenizer_option(tmp_path):
     st = TokenStream(c.sources[0].path)
     assert st.max_token() < c.vocab_size
     assert st.num_tokens < SMALL  # merges compress the byte stream
+
+
+def test_building_leaves_the_global_random_state_alone(tmp_path):
+    """A cold build must not shift seeded model init: the same seed gives the same run, cache or not."""
+    import random
+
+    import torch
+
+    from lightning_nexus.data.store import write_token_dir
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    expected = draws()
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    write_token_dir(tmp_path / "tokens", np.arange(5000, dtype=np.uint16) % 256, {"name": "probe"}, chunk_tokens=1024)
+    assert draws() == expected
