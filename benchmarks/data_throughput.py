@@ -1,6 +1,6 @@
 """Data-layer measurements: embedded corpus build time/size and packed tokens/s of the DataModule.
 
-Usage: python benchmarks/data_throughput.py [--bytes-per-source 2000000] [--seconds 5]
+Usage: python -m benchmarks.data_throughput [--bytes-per-source 2000000] [--seconds 5]
 
 The loader must never be the bottleneck: this reads train batches from MixedSourceDataModule
 alone (no model) and reports tokens/s (input_ids elements) for a few shapes and worker counts.

@@ -1,11 +1,12 @@
 """CPU overhead of GradSimilarityMonitor at its default cadence, as a ratio measured in one run.
 
 The quickstart model (tiny GPT, ~0.86M parameters, 8×128 tokens per micro-batch, K=4) with NexusCallback
-is trained with and without the monitor; the arms alternate (A B A B ...) so drift in machine load hits
-both, and the first fit of each arm is a warm-up. ``--every`` is ``Trainer(log_every_n_steps)``, which
-the monitor follows by default (10 in recipes/quickstart.yaml, Lightning's default is 50).
+is trained with and without the monitor; the arms alternate in balanced order (A B, B A, ...; see
+``benchmarks/ab.py``) so drift in machine load hits both, and the first fit of each arm is a warm-up.
+``--every`` is ``Trainer(log_every_n_steps)``, which the monitor follows by default (10 in
+recipes/quickstart.yaml, Lightning's default is 50).
 
-    python benchmarks/monitor_overhead_cpu.py --steps 40 --repeats 3 --every 10 --mode auto
+    python -m benchmarks.monitor_overhead_cpu --steps 40 --repeats 3 --every 10 --mode auto
 """
 
 from __future__ import annotations
@@ -13,33 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.ab import Measurement, NullLogger, Stopwatch, alternate, ratio, spread
 from lightning_nexus import NexusCallback
 from lightning_nexus.monitor import GradSimilarityMonitor
 from recipes.models import GPTConfig
 from recipes.module import CausalLMModule
 
 
-class _NullLogger(pl.loggers.Logger):
-    """Makes Lightning (and so the monitor) do its logging work without writing files."""
-
-    name, version = "null", 0
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-
-def _fit(monitor: bool, args: argparse.Namespace) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) per outer step."""
+def _fit(monitor: bool, args: argparse.Namespace) -> Measurement:
+    """Wall and process-CPU time of one whole fit, with its outer steps as the work done."""
     torch.manual_seed(0)
     module = CausalLMModule(model=GPTConfig(size="tiny", vocab_size=256), lr=1e-3, warmup_steps=5, max_steps=args.steps)
     gen = torch.Generator().manual_seed(1)
@@ -52,12 +40,14 @@ def _fit(monitor: bool, args: argparse.Namespace) -> tuple[float, float]:
         callbacks.append(GradSimilarityMonitor(mode=args.mode))
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=args.steps, accumulate_grad_batches=4, log_every_n_steps=args.every,
-        callbacks=callbacks, logger=_NullLogger(), enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=callbacks, logger=NullLogger(), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )
-    wall, cpu = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
+    watch.start()
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    return (time.perf_counter() - wall) / args.steps, (time.process_time() - cpu) / args.steps
+    wall, cpu = watch.stop()
+    return Measurement(wall, cpu, work=args.steps)
 
 
 def main() -> None:
@@ -67,14 +57,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="log_every_n_steps (the monitor's cadence)")
     parser.add_argument("--mode", default="auto", choices=["auto", "exact", "sketch"])
     args = parser.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {"without": [], "with": []}
-    for repeat in range(args.repeats + 1):
-        for arm in ("without", "with"):
-            t = _fit(arm == "with", args)
-            if repeat > 0:
-                results[arm].append(t)
-    wall = {arm: statistics.median(t[0] for t in v) for arm, v in results.items()}
-    cpu = {arm: statistics.median(t[1] for t in v) for arm, v in results.items()}
+    runs = alternate({"without": lambda: _fit(False, args), "with": lambda: _fit(True, args)}, args.repeats, warmup=1)
+    # seconds per outer step
+    wall_steps = {arm: [m.wall_s / m.work for m in runs[arm]] for arm in runs}
+    cpu_steps = {arm: [m.cpu_s / m.work for m in runs[arm]] for arm in runs}
+    wall = {arm: spread(times).median for arm, times in wall_steps.items()}
+    wall_ratio = ratio(wall_steps["with"], wall_steps["without"])
+    cpu_ratio = ratio(cpu_steps["with"], cpu_steps["without"])
     record = {
         "benchmark": "monitor_overhead_cpu",
         "model": "recipes tiny GPT, 8x128 tokens per micro-batch, K=4, NexusCallback",
@@ -82,14 +71,18 @@ def main() -> None:
         "every_n_steps": args.every,
         "step_s_without": round(wall["without"], 4),
         "step_s_with": round(wall["with"], 4),
-        "overhead_wall": round(wall["with"] / wall["without"] - 1, 4),
-        "overhead_cpu_time": round(cpu["with"] / cpu["without"] - 1, 4),
+        "overhead_wall": round(wall_ratio.value - 1, 4),
+        "overhead_wall_range": [round(wall_ratio.paired.low - 1, 4), round(wall_ratio.paired.high - 1, 4)],
+        "overhead_cpu_time": round(cpu_ratio.value - 1, 4),
+        "overhead_cpu_time_range": [round(cpu_ratio.paired.low - 1, 4), round(cpu_ratio.paired.high - 1, 4)],
         "load_average_1min": round(os.getloadavg()[0], 2),
         "repeats": args.repeats,
         "torch": torch.__version__,
     }
     print(f"step time without monitor {wall['without'] * 1e3:.1f} ms, with {wall['with'] * 1e3:.1f} ms: overhead "
-          f"{record['overhead_wall']:+.2%} wall, {record['overhead_cpu_time']:+.2%} CPU time")
+          f"{wall_ratio.value - 1:+.2%} wall (per round {wall_ratio.paired.low - 1:+.2%} to "
+          f"{wall_ratio.paired.high - 1:+.2%}), {cpu_ratio.value - 1:+.2%} CPU time (per round "
+          f"{cpu_ratio.paired.low - 1:+.2%} to {cpu_ratio.paired.high - 1:+.2%})")
     print(json.dumps(record))
 
 

@@ -1,11 +1,12 @@
 """CPU overhead of NexusCallback against plain gradient accumulation, measured as a ratio in one run.
 
 The quickstart's tiny GPT (recipes/quickstart.yaml shapes: block 128, batch 8, K=4) on random byte
-tokens, trained through Lightning with and without the callback. The arms alternate (A B A B ...) so
-that drift in machine load hits both, each arm's first fit is a warm-up, and both wall-clock and
-process-CPU throughput are reported (the latter is far less sensitive to other jobs on the machine).
+tokens, trained through Lightning with and without the callback. The arms alternate in balanced order
+(A B, B A, ...; see ``benchmarks/ab.py``) so that drift in machine load hits both, each arm's first fit is
+a warm-up, and both wall-clock and process-CPU throughput are reported (the latter is far less sensitive
+to other jobs on the machine), with the range of the per-round ratios.
 
-    python benchmarks/overhead_cpu.py --steps 15 --repeats 5
+    python -m benchmarks.overhead_cpu --steps 15 --repeats 5
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from benchmarks.ab import Measurement, Stopwatch, alternate, ratio, spread
 from lightning_nexus import NexusCallback
 from recipes.models import GPT, GPTConfig
 
@@ -38,8 +38,8 @@ class _TinyLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
 
 
-def _fit(nexus: bool, args: argparse.Namespace) -> tuple[float, float]:
-    """(tokens per wall second, tokens per CPU second of this process) for one fit."""
+def _fit(nexus: bool, args: argparse.Namespace) -> Measurement:
+    """Wall and process-CPU time of one whole fit, with its token count as the work done."""
     torch.manual_seed(0)
     module = _TinyLM()
     n = args.steps * args.accumulate
@@ -50,10 +50,11 @@ def _fit(nexus: bool, args: argparse.Namespace) -> tuple[float, float]:
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )
     loader = DataLoader(batches, batch_size=None)
-    wall, cpu = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
+    watch.start()
     trainer.fit(module, train_dataloaders=loader)
-    tokens = n * args.batch_size * args.block
-    return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
+    wall, cpu = watch.stop()
+    return Measurement(wall, cpu, work=n * args.batch_size * args.block)
 
 
 def main() -> None:
@@ -64,14 +65,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block", type=int, default=128)
     args = parser.parse_args()
-    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "nexus": []}
-    for repeat in range(args.repeats + 1):
-        for arm in ("plain", "nexus"):
-            result = _fit(arm == "nexus", args)
-            if repeat > 0:
-                runs[arm].append(result)
-    wall = {arm: statistics.median(r[0] for r in runs[arm]) for arm in runs}
-    cpu = {arm: statistics.median(r[1] for r in runs[arm]) for arm in runs}
+    runs = alternate({"plain": lambda: _fit(False, args), "nexus": lambda: _fit(True, args)}, args.repeats, warmup=1)
+    wall_rates = {arm: [m.wall_rate for m in runs[arm]] for arm in runs}
+    cpu_rates = {arm: [m.cpu_rate for m in runs[arm]] for arm in runs}
+    wall = {arm: spread(rates).median for arm, rates in wall_rates.items()}
+    wall_ratio = ratio(wall_rates["nexus"], wall_rates["plain"])
+    cpu_ratio = ratio(cpu_rates["nexus"], cpu_rates["plain"])
     record = {
         "benchmark": "overhead_cpu",
         "model": "recipes GPT tiny (quickstart)",
@@ -79,8 +78,10 @@ def main() -> None:
         "shape": f"{args.batch_size}x{args.block}, K={args.accumulate}",
         "tokens_per_s_plain": round(wall["plain"]),
         "tokens_per_s_nexus": round(wall["nexus"]),
-        "ratio_nexus_over_plain": round(wall["nexus"] / wall["plain"], 4),
-        "ratio_nexus_over_plain_cpu_time": round(cpu["nexus"] / cpu["plain"], 4),
+        "ratio_nexus_over_plain": round(wall_ratio.value, 4),
+        "ratio_nexus_over_plain_range": [round(wall_ratio.paired.low, 4), round(wall_ratio.paired.high, 4)],
+        "ratio_nexus_over_plain_cpu_time": round(cpu_ratio.value, 4),
+        "ratio_nexus_over_plain_cpu_time_range": [round(cpu_ratio.paired.low, 4), round(cpu_ratio.paired.high, 4)],
         "load_average_1min": round(os.getloadavg()[0], 2),
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
@@ -89,7 +90,8 @@ def main() -> None:
     }
     print(
         f"plain accumulation {wall['plain']:,.0f} tokens/s, Nexus {wall['nexus']:,.0f} tokens/s: ratio "
-        f"{record['ratio_nexus_over_plain']:.3f} (per CPU second {record['ratio_nexus_over_plain_cpu_time']:.3f}; "
+        f"{wall_ratio.value:.3f}, per round {wall_ratio.paired.low:.3f}-{wall_ratio.paired.high:.3f} (per CPU second "
+        f"{cpu_ratio.value:.3f}, per round {cpu_ratio.paired.low:.3f}-{cpu_ratio.paired.high:.3f}; "
         f"load average {record['load_average_1min']})"
     )
     print(json.dumps(record))

@@ -6,13 +6,16 @@ Hook mapping (Lightning 2.6, ``accumulate_grad_batches=K``; see DESIGN.md sectio
                                scale are divided out), then .grad is cleared
     on_before_optimizer_step   window boundary: params := θ0, .grad := G; Lightning then clips .grad
                                and steps the outer optimizer
-    on_save_checkpoint         a mid-window checkpoint stores the anchor θ0 as the weights
+    on_save_checkpoint         a mid-window checkpoint stores the anchor θ0 as the weights (under FSDP1
+                               NexusFSDPStrategy swaps θ0 in while it gathers the state dict instead)
     on_validation_epoch_*      validation mid-window sees θ0, not a point on the inner trajectory
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -104,12 +107,14 @@ class NexusCallback(Callback):
                 "engine, so the per-micro-batch gradients Nexus needs never reach Lightning's hooks. "
                 "Use strategy='nexus_ddp', or FSDP (ModelParallelStrategy / FSDPStrategy) for sharding."
             )
-        if isinstance(strategy, FSDPStrategy):
+        if isinstance(strategy, FSDPStrategy) and not getattr(strategy, "supports_nexus", False):
             raise RuntimeError(
-                "NexusCallback does not support FSDP1 (FSDPStrategy) yet: its flat-parameter shards are plain "
-                "tensors, so the global gradient norm of the normalized inner step cannot be formed from them. "
-                "Use FSDP2: strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
-                "`fully_shard` in configure_model (see recipes/*_fsdp.yaml)."
+                f"NexusCallback with the stock {type(strategy).__name__} (FSDP1) would be silently wrong: Lightning "
+                "skips the gradient reduce-scatter on non-boundary micro-batches (no_sync), its shards are plain "
+                "tensors whose norms the stock strategy does not reduce, and its norm clipping raises. Use "
+                "strategy='nexus_fsdp' (lightning_nexus.NexusFSDPStrategy, same arguments as FSDPStrategy), or "
+                "FSDP2: ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with `fully_shard` in "
+                "configure_model (see recipes/*_fsdp.yaml)."
             )
         if isinstance(strategy, DDPStrategy) and not getattr(strategy, "supports_nexus", False):
             if strategy.world_size > 1:
@@ -140,7 +145,12 @@ class NexusCallback(Callback):
         self._base_lr = float(group.get("initial_lr", group["lr"]))
 
     def _build_nexus(self, trainer: pl.Trainer) -> None:
-        self.nexus = Nexus(trainer.optimizers[0].param_groups, inner_lr=self.inner_lr, normalize=self.normalize)
+        groups = trainer.optimizers[0].param_groups
+        # NexusFSDPStrategy (FSDP1) names the group its plain-tensor shards are spread over; DTensors (FSDP2)
+        # carry their own placements, and DDP parameters are whole on every rank
+        shard_group = getattr(trainer.strategy, "nexus_shard_group", None)
+        group = shard_group(_unique_trainable(groups)) if shard_group is not None else None
+        self.nexus = Nexus(groups, inner_lr=self.inner_lr, normalize=self.normalize, shard_group=group)
 
     def _follow_trainable_set(self, trainer: pl.Trainer) -> None:
         """Rebuild the core at a window start if parameters were (un)frozen since it was built; otherwise
@@ -182,10 +192,13 @@ class NexusCallback(Callback):
             skipped = reduce_window(nexus.params, skipped)
         if skipped:
             self.skipped_windows += 1
-            # With a GradScaler, a window this rank abandoned left NaN in .grad, so the scaler skips and
-            # backs off. Otherwise (or when only another rank abandoned) no gradient means no step.
-            if scaler is None or not result.skipped:
-                optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                optimizer.zero_grad(set_to_none=True)  # no gradient, no step
+            elif not result.skipped:
+                # Only another rank abandoned: this rank's scaler saw finite gradients and would keep (or
+                # grow) its scale while the abandoning rank's backs off, and the ranks' scales diverge.
+                _report_overflow(scaler, optimizer, nexus.params)
+            # else: the window this rank abandoned left NaN in .grad, so the scaler skips and backs off
         else:
             self.completed_windows += 1
             if scaled_step:
@@ -228,18 +241,37 @@ class NexusCallback(Callback):
     # ------------------------------------------------------------------ validation sees θ0
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        nexus = self.nexus
-        if nexus is not None and nexus.params_moved:
-            with torch.no_grad():
-                self._validation_stash = [t.clone() for t in nexus._locals]
-                torch._foreach_copy_(nexus._locals, nexus.anchor())
+        self._validation_stash = self._swap_in_anchor()
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._validation_stash is not None and self.nexus is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(self.nexus._locals, self._validation_stash)
-            self._validation_stash = None
+        self._swap_out_anchor(self._validation_stash)
+        self._validation_stash = None
+
+    @contextmanager
+    def anchor_as_weights(self) -> Iterator[None]:
+        """Mid-window, hold θ0 in the live parameters for the duration (a no-op otherwise): for code that reads
+        the weights where this callback cannot edit the result afterwards, e.g. NexusFSDPStrategy gathering an
+        FSDP1 state dict from the flat shards."""
+        stash = self._swap_in_anchor()
+        try:
+            yield
+        finally:
+            self._swap_out_anchor(stash)
+
+    @torch.no_grad()
+    def _swap_in_anchor(self) -> list[torch.Tensor] | None:
+        nexus = self.nexus
+        if nexus is None or not nexus.params_moved:
+            return None
+        stash = [t.clone() for t in nexus._locals]
+        torch._foreach_copy_(nexus._locals, nexus.anchor())
+        return stash
+
+    @torch.no_grad()
+    def _swap_out_anchor(self, stash: list[torch.Tensor] | None) -> None:
+        if stash is not None and self.nexus is not None:
+            torch._foreach_copy_(self.nexus._locals, stash)
 
     # ------------------------------------------------------------------ stopping and checkpoints
     @override
@@ -260,6 +292,10 @@ class NexusCallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         nexus = self.nexus
         if nexus is None or not nexus.params_moved or "state_dict" not in checkpoint:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # NexusFSDPStrategy (setup refuses the stock one) gathered the state dict with θ0 in the shards;
+            # the entries here are full or re-chunked tensors that local flat-shard anchors cannot replace
             return
         # Mid-window the live weights are a point on the inner trajectory; θ0 pairs with the optimizer state.
         index = {id(p): i for i, p in enumerate(nexus.params)}
@@ -300,6 +336,19 @@ class NexusCallback(Callback):
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _report_overflow(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+) -> None:
+    """Make ``scaler`` skip this step and back off, exactly as if it had found an inf in ``.grad`` itself."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:  # a fused optimizer is not unscaled before step(): scaler.step() then checks .grad
+        _local(grads[0]).fill_(float("nan"))
+    # Otherwise Lightning has already called scaler.unscale_(optimizer), which recorded the gradients as
+    # finite; scaler.step() and update() read that record. GradScaler has no public API to amend it.
+    for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        found_inf.fill_(1.0)
 
 
 def _should_log(trainer: pl.Trainer) -> bool:

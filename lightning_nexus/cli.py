@@ -98,12 +98,17 @@ def print_loss_table(trainer: Trainer, prefix: str = "val") -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-nexus`` console script (``fit``/``validate``/``test``/..., or ``compare``)."""
+    """Entry point of the ``lightning-nexus`` console script (``fit``/``validate``/``test``/..., ``compare`` or ``experiment``)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["compare"]:  # reads finished runs: no Trainer, so routed before LightningCLI parses
         from lightning_nexus.report import main as compare_main
 
         compare_main(argv[1:])
+        return
+    if argv[:1] == ["experiment"]:  # runs many fits as child processes: not a LightningCLI subcommand
+        from lightning_nexus.experiment import main as experiment_main
+
+        experiment_main(argv[1:])
         return
     NexusCLI(args=args)
     # Lightning leaves the process group alive after fit; without this, gloo/DCP threads can abort the

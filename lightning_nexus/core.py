@@ -15,10 +15,9 @@ the displacement; with γ = 0 the parameters never move, so the same buffer accu
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +53,21 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
-def _reduce_groups(p: Tensor) -> tuple:
-    """Process groups whose members hold *different* pieces of ``p`` (a sum of squares must be reduced)."""
+def _reduce_groups(p: Tensor, shard_groups: tuple = ()) -> tuple:
+    """Process groups whose members hold *different* pieces of ``p`` (a sum of squares must be reduced):
+    a DTensor's shard dimensions, or for a plain tensor the groups the caller said it is sharded over."""
     if DTensor is None or not isinstance(p, DTensor):
-        return ()
+        return shard_groups
     return tuple(p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard())
+
+
+def _as_groups(shard_group: dist.ProcessGroup | Sequence[dist.ProcessGroup] | None) -> tuple:
+    if shard_group is None:
+        return ()
+    groups = tuple(shard_group) if isinstance(shard_group, Sequence) else (shard_group,)
+    if groups and dist is None:  # pragma: no cover
+        raise ValueError("Nexus(shard_group=...) needs torch.distributed, which this torch build lacks.")
+    return groups
 
 
 class Nexus:
@@ -71,6 +80,13 @@ class Nexus:
             (normalized gradient accumulation).
         normalize: use ``g/‖g‖₂`` (global norm over all params and shards) as inner direction;
             ``False`` uses the raw gradient (Fish-style inner SGD).
+        shard_group: the process group (or several, e.g. the dimensions of a mesh) over which the
+            *plain-tensor* parameters are sharded, each rank holding a disjoint piece (FSDP1's flat-parameter
+            shards: pass the root FSDP module's ``process_group``). Sums of squares of plain tensors are
+            all-reduced over it, so norms are global. ``None`` (default): plain tensors are whole on every
+            rank (one device, DDP). Unlike ``torch.distributed``, ``None`` does not mean the world group:
+            pass ``torch.distributed.group.WORLD`` for that. DTensors (FSDP2) carry their own placements and
+            ignore it. Every rank of the group must call :meth:`inner_step` together, also with no gradients.
 
     Example::
 
@@ -84,7 +100,13 @@ class Nexus:
             optimizer.zero_grad()
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], inner_lr: float = 0.05, normalize: bool = True):
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        inner_lr: float = 0.05,
+        normalize: bool = True,
+        shard_group: dist.ProcessGroup | Sequence[dist.ProcessGroup] | None = None,
+    ):
         if not (isinstance(inner_lr, (int, float)) and math.isfinite(inner_lr) and inner_lr >= 0):
             raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr!r}.")
         self.params = _unique_trainable(params)
@@ -95,7 +117,11 @@ class Nexus:
         self._locals = [_local(p) for p in self.params]
         # fp32 at least, wider if the parameter is wider: the buffer is the master copy of θ0.
         self._buffer = [torch.empty_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in self._locals]
-        self._groups = [_reduce_groups(p) for p in self.params]
+        self._groups = [_reduce_groups(p, _as_groups(shard_group)) for p in self.params]
+        # every rank runs the same collectives in the same order, even where it holds no gradient (an FSDP1
+        # rank whose shard misses a parameter sees .grad None for it)
+        self._group_order = list(dict.fromkeys(self._groups))
+        self._device = self._locals[0].device
         self._precision_checked = not any(t.dtype in _LOW_PRECISION for t in self._locals)
         self._reset_window()
 
@@ -148,13 +174,13 @@ class Nexus:
             coef = 1.0 / norm if norm > 0 else 0.0
         else:
             coef = 1.0 / loss_scale
-        if coef > 0 and idx:
-            if self._window_lr > 0:  # θ_k = θ_{k-1} − γ·d_k
+        if coef > 0 and self._window_lr > 0:  # θ_k = θ_{k-1} − γ·d_k
+            if idx:
                 torch._foreach_add_([self._locals[i] for i in idx], grads, alpha=-self._window_lr * coef)
-                if not self._precision_checked:
-                    self._check_precision(idx, grads)
-            else:  # γ = 0: parameters stay at θ0, accumulate Σ d_k
-                torch._foreach_add_([self._buffer[i] for i in idx], grads, alpha=coef)
+            if not self._precision_checked:  # a collective: also on ranks without gradients
+                self._check_precision(idx, grads)
+        elif coef > 0 and idx:  # γ = 0: parameters stay at θ0, accumulate Σ d_k
+            torch._foreach_add_([self._buffer[i] for i in idx], grads, alpha=coef)
         for i in idx:
             self._touched[i] = True
         self.window_position += 1
@@ -174,8 +200,8 @@ class Nexus:
         ``GradScaler`` skips the step and backs off; other callers must not step when ``skipped``.
         """
         result = WindowResult(self.window_position, self.abandoned, self._window_lr)
-        if self.window_position > 0 and not self.abandoned:
-            idx = [i for i, touched in enumerate(self._touched) if touched]
+        idx = [i for i, touched in enumerate(self._touched) if touched]
+        if self.window_position > 0 and not self.abandoned and idx:  # idx is empty on a rank whose shard got no gradient
             buf = [self._buffer[i] for i in idx]
             if self._window_lr > 0:  # G = (θ0 − θ_K)/(γn), then θ := θ0
                 live = [self._locals[i] for i in idx]
@@ -200,8 +226,8 @@ class Nexus:
     @torch.no_grad()
     def restore_anchor(self) -> None:
         """Abandon the window without poisoning gradients: parameters return to θ0 (e.g. training stopped)."""
-        if self.params_moved:
-            idx = [i for i, touched in enumerate(self._touched) if touched]
+        idx = [i for i, touched in enumerate(self._touched) if touched]
+        if self.params_moved and idx:
             torch._foreach_copy_([self._locals[i] for i in idx], [self._buffer[i] for i in idx])
         self._reset_window()
 
@@ -228,8 +254,6 @@ class Nexus:
         return self._reduce_norms(norms, self._groups)
 
     def _global_norm(self, tensors: list[Tensor], groups: list[tuple]) -> float:
-        if not tensors:
-            return 0.0
         norms: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
         low = [i for i, t in enumerate(tensors) if t.dtype in _LOW_PRECISION]
         high = [i for i, t in enumerate(tensors) if t.dtype not in _LOW_PRECISION]
@@ -240,17 +264,18 @@ class Nexus:
                     norms[i] = n
         return self._reduce_norms(norms, groups)
 
-    @staticmethod
-    def _reduce_norms(norms: list[Tensor], groups: list[tuple]) -> float:
-        wide = _wide(norms[0].device)
-        total = torch.zeros((), dtype=wide, device=norms[0].device)
-        by_group: dict[tuple, list[Tensor]] = {}
+    def _reduce_norms(self, norms: list[Tensor], groups: list[tuple]) -> float:
+        device = norms[0].device if norms else self._device
+        wide = _wide(device)
+        total = torch.zeros((), dtype=wide, device=device)
+        by_group: dict[tuple, list[Tensor]] = {g: [] for g in self._group_order}
         for n, g in zip(norms, groups):
-            by_group.setdefault(g, []).append(n)
+            by_group[g].append(n)
         for group, ns in by_group.items():
+            if not ns and not group:
+                continue
             # a wide sum: no overflow or cancellation however many tensors there are
-            dtype = functools.reduce(torch.promote_types, {n.dtype for n in ns})
-            sq = torch.stack([n.to(dtype) for n in ns]).to(wide).square().sum()
+            sq = torch.stack([n.to(wide) for n in ns]).square().sum() if ns else total.new_zeros(())
             for pg in group:  # sharded tensors: each rank holds a disjoint piece
                 dist.all_reduce(sq, group=pg)
             total = total + sq
@@ -267,9 +292,9 @@ class Nexus:
             lost += int(((self._locals[i].float() == self._buffer[i]) & wanted).sum())
             moved += int(wanted.sum())
         if dist is not None and dist.is_available() and dist.is_initialized():
-            # ranks see different data (DDP window mode) or shards (FSDP2): decide together, or one rank
+            # ranks see different data (DDP window mode) or shards (FSDP): decide together, or one rank
             # raises while the others wait in the next collective
-            counts = torch.tensor([lost, moved], dtype=_wide(grads[0].device), device=grads[0].device)
+            counts = torch.tensor([lost, moved], dtype=_wide(self._device), device=self._device)
             dist.all_reduce(counts)
             lost, moved = int(counts[0].item()), int(counts[1].item())
         frac = lost / max(moved, 1)

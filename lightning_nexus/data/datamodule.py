@@ -327,6 +327,7 @@ class MixedSourceDataModule(LightningDataModule):
             corpus = build_embedded_corpus(self.cache_dir, self.corpus_bytes_per_source, self.tokenizer, self.bpe_vocab_size, seed=0)
             entries = [(s.name, s.role, TokenStream(s.path, name=s.name), 1.0) for s in corpus.sources]
             vocab = corpus.vocab_size
+            tok = ByteTokenizer() if corpus.tokenizer == "byte" else BPETokenizer(corpus.tokenizer)
         else:
             if self.tokenizer == "bpe":
                 tok: ByteTokenizer | BPETokenizer = train_user_bpe(self.sources, self.cache_dir, self.bpe_vocab_size)
@@ -345,8 +346,13 @@ class MixedSourceDataModule(LightningDataModule):
             vocab = max(vocab, self._vocab_override)
         train = [e for e in entries if e[1] == "train"]
         ood = [e for e in entries if e[1] == "ood"]
-        self._resolved = {"train": train, "ood": ood, "vocab": vocab}
+        self._resolved = {"train": train, "ood": ood, "vocab": vocab, "tokenizer": tok}
         return self._resolved
+
+    @property
+    def text_tokenizer(self) -> ByteTokenizer | BPETokenizer:
+        """The tokenizer that produced the token streams (for probes that encode new text)."""
+        return self._resolve()["tokenizer"]
 
     @property
     def train_source_names(self) -> list[str]:

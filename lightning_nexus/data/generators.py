@@ -108,6 +108,26 @@ class RandomPCFG:
                 stack.extend(reversed(rhs))
         return " ".join(out).capitalize() + " ."
 
+    def tagged_sentence(self, rng: random.Random) -> tuple[str, list[int]]:
+        """``sentence(rng)`` together with each word's depth in the derivation tree.
+
+        A word's depth is the number of nonterminals on its path from the root: words that the start
+        symbol's rule emits directly have depth 1. Consumes ``rng`` exactly as ``sentence`` does, so
+        the text equals ``sentence``'s for the same generator state (the corpus is unchanged).
+        """
+        words: list[str] = []
+        depths: list[int] = []
+        stack: list[tuple[str, int, int]] = [("N", 0, 0)]
+        while stack:
+            kind, idx, depth = stack.pop()
+            if kind == "P":
+                words.append(rng.choices(self.pre[idx], self.pre_w[idx])[0])
+                depths.append(depth)
+            else:
+                rhs = rng.choices(self.rules[idx], self.rule_w[idx])[0]
+                stack.extend((k, i, depth + 1) for k, i in reversed(rhs))
+        return " ".join(words).capitalize() + " .", depths
+
 
 def pcfg_docs(grammar_seed: int, seed: int, max_bytes: int) -> Iterator[str]:
     """Paragraph documents of 4-16 sentences from ``RandomPCFG(grammar_seed)``."""

@@ -174,6 +174,10 @@ class GPT(nn.Module):
                 module.reset_parameters()
 
     def forward(self, idx: Tensor) -> Tensor:
+        return self.lm_head(self.features(idx))
+
+    def features(self, idx: Tensor) -> Tensor:
+        """Final normalized hidden states ``[B, T, n_embd]``: what the output head reads (probes use them)."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model context length block_size={self.config.block_size}")
@@ -184,4 +188,4 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)

@@ -217,6 +217,10 @@ class Llama(nn.Module):
             self.rope_sin.copy_(sin)
 
     def forward(self, idx: Tensor) -> Tensor:
+        return self.lm_head(self.features(idx))
+
+    def features(self, idx: Tensor) -> Tensor:
+        """Final normalized hidden states ``[B, T, n_embd]``: what the output head reads (probes use them)."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model context length block_size={self.config.block_size}")
@@ -227,4 +231,4 @@ class Llama(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)

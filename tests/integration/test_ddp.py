@@ -14,10 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def run_ddp(tmp_path, sync="every", strategy="nexus", inner_lr=0.1, K=3, n=12, phase="full"):
+def run_ddp(
+    tmp_path, sync="every", strategy="nexus", inner_lr=0.1, K=3, n=12, phase="full", model="boring", precision="32"
+):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    args = [str(tmp_path), sync, strategy, str(inner_lr), str(K), str(n), phase, model, precision]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests/integration/ddp_worker.py"), str(tmp_path), sync, strategy, str(inner_lr), str(K), str(n), phase],
+        [sys.executable, str(ROOT / "tests/integration/ddp_worker.py"), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     return proc
@@ -106,3 +109,37 @@ def test_resume_from_mid_window_checkpoint(tmp_path):
     assert_params_close(resumed[0]["params"], resumed[1]["params"], rtol=0, atol=0)
     assert resumed[0]["global_step"] == resumed[1]["global_step"] == 2
     assert all(torch.isfinite(p).all() for p in resumed[0]["params"])
+
+
+@pytest.mark.parametrize("sync", ["window", "every"])
+def test_grad_scaler_backs_off_on_both_ranks_when_one_rank_overflows(tmp_path, sync):
+    """Rank 1 alone gets an inf loss in window 2 (its local batch 4). In window mode only rank 1 abandons
+    the window; the skip the ranks agree on must reach rank 0's GradScaler too, or the loss scales diverge.
+    In every mode the all-reduced gradient carries the inf to both ranks."""
+    proc = run_ddp(tmp_path, sync=sync, n=24, model="inf_rank1", precision="16-scaler")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"full_rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["skipped_windows"] == 1 and r["completed_windows"] == 3
+        # growth_interval=1000: without an inf the scale stays at 2^10 (windows 1, 3 and 4 show that no
+        # other step overflowed); the skipped window backs it off once, to 2^9, as a skipped AdamW step does
+        assert r["window_scales"] == [2.0**10, 2.0**9, 2.0**9, 2.0**9]
+        assert_params_close(r["window_params"][1], r["window_params"][0], rtol=0, atol=0)  # window 2 skipped
+        assert not torch.equal(r["window_params"][2][0], r["window_params"][1][0])  # window 3 stepped
+        assert all(torch.isfinite(p).all() for p in r["params"])
+    assert_params_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)
+
+
+def test_sync_window_keeps_batchnorm_buffers_identical_across_ranks(tmp_path):
+    """Window mode switches DDP's gradient sync off, and with it DDP's buffer broadcast before forward. The
+    ranks see different data, so their BatchNorm running statistics differ unless rank 0's are broadcast."""
+    proc = run_ddp(tmp_path, sync="window", model="batchnorm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"full_rank{r}.pt") for r in range(2)]
+    assert len(ranks[0]["window_buffers"]) == 2
+    for w in range(2):  # after every outer step, as for the parameters
+        assert_params_close(ranks[0]["window_buffers"][w], ranks[1]["window_buffers"][w], rtol=0, atol=0)
+        assert_params_close(ranks[0]["window_params"][w], ranks[1]["window_params"][w], rtol=0, atol=0)
+    assert_params_close(ranks[0]["buffers"], ranks[1]["buffers"], rtol=0, atol=0)
+    running_mean = ranks[0]["buffers"][0]
+    assert running_mean.abs().sum() > 0  # the statistics did move away from their initial zeros

@@ -132,6 +132,41 @@ def test_grad_scaler_skips_window_and_backs_off():
     assert not torch.equal(recorder.anchors[4][0], recorder.anchors[0][0])  # the other windows stepped
 
 
+class _OtherRankAbandons(pl.Callback):
+    """Stands in for NexusDDPStrategy(sync="window") when another rank abandoned window ``window``: the
+    window all-reduce reports a skip although this rank's own gradients were finite."""
+
+    def __init__(self, window):
+        self.window = window
+
+    def setup(self, trainer, pl_module, stage):
+        windows = iter(range(10**6))
+        trainer.strategy.reduce_window = lambda params, skipped: next(windows) == self.window or skipped
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_backs_off_when_only_another_rank_abandoned(fused):
+    """Every rank's scaler must back off as on the abandoning rank, or the ranks' loss scales diverge.
+    A fused optimizer is not unscaled before step(), so it takes the scaler's other code path."""
+
+    class Model(BoringModel):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, fused=fused)
+
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    cb = NexusCallback(inner_lr=0.1)
+    recorder = _RecordAnchors(K=4)
+    fit(
+        Model(), boring_batches(n=12), K=4, callbacks=[cb, recorder, _OtherRankAbandons(window=1)],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    assert cb.skipped_windows == 1 and cb.completed_windows == 2
+    assert scaler.get_scale() == 2.0**9
+    assert_params_close(recorder.anchors[8], recorder.anchors[4], rtol=0, atol=0)
+    assert not torch.equal(recorder.anchors[4][0], recorder.anchors[0][0])
+
+
 def test_grad_scaler_path_equals_full_precision_path():
     """The scaler multiplies every inner gradient by 2^10; Nexus must divide it out (raw mode shows it)."""
     batches = boring_batches(n=8)
@@ -234,10 +269,12 @@ def test_deepspeed_is_refused():
         NexusCallback().setup(_fake_trainer(strategy), BoringModel(), "fit")
 
 
-def test_fsdp1_is_refused_with_the_fsdp2_alternative():
-    strategy = FSDPStrategy.__new__(FSDPStrategy)  # constructing it for real needs CUDA
-    with pytest.raises(RuntimeError, match="ModelParallelStrategy"):
-        NexusCallback().setup(_fake_trainer(strategy), BoringModel(), "fit")
+@pytest.mark.parametrize("strategy_cls", [FSDPStrategy, type("UserFSDP", (FSDPStrategy,), {})])
+def test_stock_fsdp1_is_refused_naming_nexus_fsdp(strategy_cls):
+    # the stock strategy skips the reduce-scatter on non-boundary micro-batches (no_sync); so does a user's
+    # subclass, e.g. one that only makes FSDP1 run on CPU
+    with pytest.raises(RuntimeError, match="strategy='nexus_fsdp'"):
+        NexusCallback().setup(_fake_trainer(strategy_cls()), BoringModel(), "fit")
 
 
 def test_plain_ddp_with_several_processes_is_refused():

@@ -1,6 +1,7 @@
 """The pure-torch Nexus core against slow reference implementations written here."""
 
 import math
+import threading
 import warnings
 
 import pytest
@@ -287,3 +288,113 @@ def test_plain_pytorch_loop_matches_reference_training():
         ref = [p - lr * m for p, m in zip(ref, momentum)]
     for got, want in zip(model.parameters(), ref):
         torch.testing.assert_close(got.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- plain-tensor shards (FSDP1): shard_group
+
+
+class _ThreadGroup:
+    """A process group whose ranks are threads of this process: ``all_reduce`` sums the members' tensors."""
+
+    def __init__(self, size: int):
+        self._barrier = threading.Barrier(size, timeout=20)  # a rank that skips a collective breaks it, no hang
+        self._parts: dict[int, torch.Tensor] = {}
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self._parts[threading.get_ident()] = tensor.clone()
+        self._barrier.wait()
+        total = sum(self._parts.values())
+        self._barrier.wait()  # everyone has summed before anyone posts its next part
+        tensor.copy_(total)
+
+    def wait(self) -> None:
+        self._barrier.wait()
+
+
+def run_sharded_window(monkeypatch, shard_group_given: bool, num_micro=4, inner_lr=0.1, lr=0.1):
+    """Two simulated ranks hold FSDP1-style shards of make_params(): one tensor per parameter, the part of
+    the flat parameter that falls into the rank's half (0-sized where none does, with .grad None). Rank 0
+    also gets no gradient at all in micro-batch 2 (its only parameter unused), yet must join the reduction.
+
+    Returns the full G (concatenated from the shards), the reference G, and per rank θ after finish_window,
+    pseudo_grad_norm() and distance_to_anchor() after an SGD step θ −= lr·G.
+    """
+    group = _ThreadGroup(2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None, group=None, async_op=False: group.all_reduce(t))
+    full = make_params()  # 15 + 7 + 8 elements: rank 0 holds [0, 15), rank 1 [15, 30)
+    theta0 = flat(full)
+    bounds = [(0, 15), (15, 30)]
+    spans = [(0, 15), (15, 22), (22, 30)]  # the parameters' places in the flat parameter
+
+    def piece(a, b, lo, hi):  # the part of [a, b) inside [lo, hi), possibly empty
+        start = min(max(a, lo), hi)
+        return theta0[start : max(min(b, hi), start)].float().clone().requires_grad_()
+
+    shards = [[piece(a, b, lo, hi) for a, b in spans] for lo, hi in bounds]
+    gen = torch.Generator().manual_seed(7)
+    targets = [(torch.randn(30, generator=gen).double(), torch.randn(30, generator=gen).double()) for _ in range(num_micro)]
+    nonlinear = nonlinear_grad_fn(targets)
+
+    def grad_fn(k, theta):
+        g = nonlinear(k, theta)
+        if k == 2:
+            g[:15] = 0  # micro-batch 2 leaves the first parameter unused
+        return g
+
+    results: list[dict] = [{}, {}]
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            mine, (lo, hi) = shards[r], bounds[r]
+            nexus = Nexus(mine, inner_lr=inner_lr, shard_group=group if shard_group_given else None)
+            for k in range(num_micro):
+                group.wait()  # both ranks finished step k-1: the "all-gather" below sees θ_{k-1}
+                g = grad_fn(k, torch.cat([t.detach().double() for ts in shards for t in ts]))[lo:hi].float()
+                group.wait()  # both have read θ before either moves its shard
+                offset = 0
+                for t in mine:
+                    unused = k == 2 and r == 0
+                    t.grad = None if t.numel() == 0 or unused else g[offset : offset + t.numel()].clone()
+                    offset += t.numel()
+                assert nexus.inner_step()
+            nexus.finish_window()
+            results[r]["grad"] = torch.cat([t.grad if t.grad is not None else torch.zeros_like(t) for t in mine])
+            results[r]["theta"] = torch.cat([t.detach() for t in mine])
+            results[r]["pseudo_grad_norm"] = nexus.pseudo_grad_norm()
+            with torch.no_grad():
+                for t in mine:
+                    if t.grad is not None:
+                        t.sub_(lr * t.grad)
+            results[r]["distance"] = nexus.distance_to_anchor()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            group._barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    want_g, _ = reference_window(theta0, grad_fn, num_micro, inner_lr, normalize=True)
+    got_g = torch.cat([results[0]["grad"], results[1]["grad"]]).double()
+    theta = torch.cat([results[0]["theta"], results[1]["theta"]]).double()
+    return got_g, want_g, theta, theta0, results
+
+
+def test_shard_group_makes_norms_global_over_plain_tensor_shards(monkeypatch):
+    got_g, want_g, theta, theta0, results = run_sharded_window(monkeypatch, shard_group_given=True)
+    torch.testing.assert_close(theta, theta0, rtol=0, atol=0)  # back at the anchor on both ranks
+    torch.testing.assert_close(got_g, want_g, rtol=2e-5, atol=2e-5 * want_g.abs().max().item())
+    for r in range(2):  # every rank reports the global norms, not its shard's
+        assert results[r]["pseudo_grad_norm"] == pytest.approx(want_g.norm().item(), rel=1e-5)
+        assert results[r]["distance"] == pytest.approx(0.1 * want_g.norm().item(), rel=1e-5)
+
+
+def test_without_shard_group_plain_tensor_shards_get_local_norms(monkeypatch):
+    # the failure shard_group exists for: each rank normalizes by its own shard's norm
+    got_g, want_g, _, _, _ = run_sharded_window(monkeypatch, shard_group_given=False)
+    assert (got_g - want_g).norm() > 0.1 * want_g.norm()
+
