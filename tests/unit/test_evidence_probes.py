@@ -47,21 +47,25 @@ def arithmetic(shift: int):
     return next_char
 
 
-class DepthOracle(nn.Module):
-    """Features that one-hot encode each word's depth class (looked up from the probe's own labels)."""
+class WordFeatures(nn.Module):
+    """Byte-level features that one-hot encode, at each word's last byte, either the word's depth class
+    (looked up from the probe's own labels: an oracle) or the word itself (context-free features)."""
 
-    def __init__(self, probe: GrammarDepthProbe) -> None:
+    def __init__(self, probe: GrammarDepthProbe, oracle: bool) -> None:
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))
+        self.oracle = oracle
         self.labels = {"".join(chunks): labels for chunks, labels in probe.sentences}
+        vocab = sorted({c.strip().lower() for chunks, _ in probe.sentences for c in chunks[1:]})
+        self.word_id = {w: i for i, w in enumerate(vocab)}
 
     def features(self, idx):
-        out = torch.zeros(*idx.shape, 8)
+        out = torch.zeros(*idx.shape, len(self.word_id))
         for b, row in enumerate(idx.tolist()):
             text = bytes(t for t in row if t).decode()
-            ends = [m.end() - 1 for m in re.finditer(r"\S+", text)]
-            for pos, label in zip(ends, self.labels[text], strict=True):
-                out[b, pos, label] = 1.0
+            words = list(re.finditer(r"\S+", text))
+            for m, label in zip(words, self.labels[text], strict=True):
+                out[b, m.end() - 1, label if self.oracle else self.word_id[m[0].lower()]] = 1.0
         return out
 
 
@@ -167,10 +171,14 @@ def test_grammar_probe_splits_labels_and_chance():
     assert [GrammarDepthProbe.depth_class(d) for d in range(1, 7)] == [0, 0, 1, 2, 2, 2]
 
 
-def test_grammar_probe_oracle_features_are_perfect_and_constant_features_are_chance():
+def test_grammar_probe_oracle_is_perfect_word_identity_is_lexical_baseline_constant_is_chance():
     probe = GrammarDepthProbe(n_train=60, n_test=40)
     tok = ByteTokenizer()
-    assert probe(DepthOracle(probe), tok) == 1.0
+    assert probe(WordFeatures(probe, oracle=True), tok) == 1.0
+    assert probe.chance < probe.lexical_baseline < 1.0
+    # A linear probe on one-hot words is a regularized per-word class lookup: near the lexical baseline.
+    full = GrammarDepthProbe()
+    assert full(WordFeatures(full, oracle=False), tok) == pytest.approx(full.lexical_baseline, abs=0.04)
 
     class Constant(nn.Module):
         def __init__(self):
