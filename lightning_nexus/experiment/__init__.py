@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         if failures:
             raise SystemExit(f"error: all {len(failures)} run(s) failed (see above); fix the config and rerun the same command")
         raise SystemExit(f"error: no finished runs under {cfg.out_dir}/runs; run without --report-only first")
-    command = "lightning-nexus experiment " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+    # the report names the command that trains these runs: --report-only only rewrites it
+    words = [a for a in (argv if argv is not None else sys.argv[2:]) if a != "--report-only"]
+    command = "lightning-nexus experiment " + " ".join(shlex.quote(a) for a in words)
     try:
         path = write_report(results, cfg.out_dir, cfg.reference, cfg.loss_match_tolerance, command, failures)
     except ValueError as err:
