@@ -117,7 +117,8 @@ class Nexus:
         self._locals = [_local(p) for p in self.params]
         # fp32 at least, wider if the parameter is wider: the buffer is the master copy of θ0.
         self._buffer = [torch.empty_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in self._locals]
-        self._groups = [_reduce_groups(p, _as_groups(shard_group)) for p in self.params]
+        shard_groups = _as_groups(shard_group)
+        self._groups = [_reduce_groups(p, shard_groups) for p in self.params]
         # every rank runs the same collectives in the same order, even where it holds no gradient (an FSDP1
         # rank whose shard misses a parameter sees .grad None for it)
         self._group_order = list(dict.fromkeys(self._groups))

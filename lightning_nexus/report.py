@@ -227,7 +227,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - matplotlib is a dependency
-        raise SystemExit("lightning-nexus compare needs matplotlib for its plots: pip install matplotlib") from err
+        raise SystemExit("lightning-nexus needs matplotlib for its plots: pip install matplotlib") from err
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
 

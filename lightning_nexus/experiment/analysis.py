@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from statistics import mean, stdev
 from typing import Any
 
+from lightning_nexus.report import interpolate_at_train_loss
+
 LOSS = "val/loss"
 """In-distribution validation loss: the "pretraining loss" that arms are matched on."""
 
@@ -80,14 +82,8 @@ class Comparison:
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """Linear interpolation of y at x through (x, y) points sorted by x; None outside their range."""
-    pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if len(pts) == 1 and math.isclose(pts[0][0], x, abs_tol=1e-12):
-        return pts[0][1]
-    return None
+    """Linear interpolation of y at x through (x, y) points in any order; None outside their range."""
+    return interpolate_at_train_loss(sorted(points), x)
 
 
 def run_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -126,12 +122,10 @@ def arms_in(results: list[dict[str, Any]]) -> list[str]:
 
 
 def equal_steps(results: list[dict[str, Any]], reference: str, tol: float) -> list[Comparison]:
-    ref = _by_seed(results, reference)
+    ref_metrics = {s: run_metrics(r) for s, r in _by_seed(results, reference).items()}
     out = []
     for arm in arms_in(results):
-        runs = _by_seed(results, arm)
-        metrics = {s: run_metrics(r) for s, r in runs.items()}
-        ref_metrics = {s: run_metrics(r) for s, r in ref.items()}
+        metrics = {s: run_metrics(r) for s, r in _by_seed(results, arm).items()}
         keys = sorted({k for m in metrics.values() for k in m})
         seeds = sorted(set(metrics) & set(ref_metrics))
         values = {k: Estimate.of([m.get(k) for m in metrics.values()]) for k in keys}
@@ -143,34 +137,32 @@ def equal_steps(results: list[dict[str, Any]], reference: str, tol: float) -> li
 
 def matched_own_schedules(results: list[dict[str, Any]], reference: str, tol: float) -> list[Comparison]:
     ladder_budgets = sorted({r["budget"] for r in results if r["arm"] == reference})
+    ladders: dict[int, list[dict[str, float]]] = {}  # per seed: the reference's end point at every budget
+    for r in results:
+        if r["arm"] == reference:
+            ladders.setdefault(r["seed"], []).append(run_metrics(r))
     out = []
     for arm in arms_in(results):
         if arm == reference:
             continue
-        runs = _by_seed(results, arm)
         values: dict[str, list[float]] = {}
         deltas: dict[str, list[float]] = {}
         flagged, notes = [], []
-        for seed, run in sorted(runs.items()):
-            ladder = [r for r in results if r["arm"] == reference and r["seed"] == seed]
+        for seed, run in sorted(_by_seed(results, arm).items()):
+            ladder = ladders.get(seed, [])
             if len(ladder) < 2:
                 notes.append(f"seed {seed}: the reference has {len(ladder)} budget run(s); need >= 2 to interpolate")
                 continue
             mine = run_metrics(run)
             level = mine[LOSS]
-            ladder_metrics = [run_metrics(r) for r in ladder]
-            losses = [m[LOSS] for m in ladder_metrics]
-            lo, hi = min(losses), max(losses)
-            clamped = min(max(level, lo), hi)  # outside the ladder: compare with its nearest end, and flag
+            losses = [m[LOSS] for m in ladder]
+            clamped = min(max(level, min(losses)), max(losses))  # outside the ladder: its nearest end, flagged
             if abs(clamped - level) > tol:
                 flagged.append(seed)
             for key, v in mine.items():
-                ref_v = interpolate([(m[LOSS], m[key]) for m in ladder_metrics if key in m], clamped)
+                ref_v = interpolate([(m[LOSS], m[key]) for m in ladder if key in m], clamped)
                 values.setdefault(key, []).append(v)
                 deltas.setdefault(key, []).append(_diff(v, ref_v))
-        if not values:
-            out.append(Comparison(arm, {}, {}, flagged, notes))
-            continue
         out.append(Comparison(arm, {k: Estimate.of(v) for k, v in values.items()},
                               {k: Estimate.of(v) for k, v in deltas.items()}, flagged, notes))
     if len(ladder_budgets) < 2:

@@ -126,8 +126,7 @@ def load_experiment(path: str | Path, out_dir: str | Path | None = None, seeds: 
         raise ExperimentConfigError(f"{path}: base trainer.accumulate_grad_batches must be a positive integer, got {accumulate!r}")
     out = Path(out_dir if out_dir is not None else raw.get("out_dir", f"runs/{path.stem}"))
     cfg = ExperimentConfig(base, arms, seeds, reference, out, workers, tol, evaluations, source=path)
-    for run in cfg.runs():  # catch a bad dotted key now, not after an hour of training
-        pass
+    cfg.runs()  # builds every run's config: a bad dotted key fails now, not after an hour of training
     return cfg
 
 

@@ -11,6 +11,7 @@ from statistics import mean
 from typing import Any
 
 from lightning_nexus.experiment.analysis import LOSS, Comparison, Estimate, analyse, arms_in
+from lightning_nexus.report import _pyplot
 
 HEADLINE = [LOSS, "val/loss/ood"]
 """Columns of the main tables, before the probes (``probe/*``)."""
@@ -156,15 +157,6 @@ def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_ood_vs_loss(results: list[dict[str, Any]], reference: str, path: Path) -> bool:
     """OOD loss against in-distribution loss at every evaluation, per arm; the reference's budget ends as dots."""
     if not any("val/loss/ood" in e for r in results for e in r["evals"]):

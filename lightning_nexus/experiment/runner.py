@@ -94,16 +94,9 @@ def collect_result(run: RunSpec, directory: Path, wall_s: float) -> dict[str, An
         scalars = load_run(directory / "tb", run.key).scalars
     except RunError as err:
         raise RuntimeError(f"{run.key}: the run finished but its logs cannot be read: {err}") from err
-    eval_tags = sorted(t for t in scalars if t.startswith(("val/", "probe/")))
-    steps = sorted({s for t in eval_tags for s, _ in scalars[t]})
-    evals = []
-    for step in steps:
-        point: dict[str, Any] = {"step": step}
-        for tag in eval_tags:
-            for s, v in scalars[tag]:
-                if s == step:
-                    point[tag] = v
-        evals.append(point)
+    series = {tag: dict(points) for tag, points in sorted(scalars.items()) if tag.startswith(("val/", "probe/"))}
+    steps = sorted({s for points in series.values() for s in points})
+    evals = [{"step": s, **{tag: points[s] for tag, points in series.items() if s in points}} for s in steps]
     if not evals or "val/loss" not in evals[-1]:
         raise RuntimeError(
             f"{run.key}: no final 'val/loss' was logged; the base config must validate (val_check_interval) "

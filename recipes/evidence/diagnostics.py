@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from recipes.evidence.modes import eval_mode
+
 __all__ = [
     "FineTuneDistances",
     "TraceEstimate",
@@ -290,20 +292,15 @@ def _inspection(model: nn.Module) -> Iterator[None]:
     * ``torch.compile`` directives ignored ("force_eager"): compiled graphs do not support double
       backward, and eval mode would trigger recompiles (tens of seconds on CPU).
     """
-    modes = [(m, m.training) for m in model.modules()]
     cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-    try:
-        with (
-            torch.random.fork_rng(devices=cuda),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.compiler.set_stance("force_eager"),
-        ):
-            model.eval()
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with (
+        eval_mode(model),
+        torch.random.fork_rng(devices=cuda),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.compiler.set_stance("force_eager"),
+    ):
+        yield
 
 
 def _vhv_samples(

@@ -43,7 +43,6 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
+from recipes.evidence.modes import eval_mode
 
 try:
     import lm_eval.models  # noqa: F401  (fills the registry's built-in names before ours, see _register)
@@ -196,7 +196,7 @@ class NexusLM(TemplateLM):
         # Predicting token t needs tokens < t as input: keep the last max_length+1, feed all but the last.
         rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in pairs]
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for idx, ids in self._batches(rows):
                 logits = self.model(ids)
                 for b, i in enumerate(idx):
@@ -237,7 +237,7 @@ class NexusLM(TemplateLM):
         seqs = [list(c) for c in contexts]
         generated: list[list[int]] = [[] for _ in contexts]
         active = list(range(len(contexts)))
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for _ in range(max_gen_toks):
                 if not active:
                     break
@@ -276,18 +276,6 @@ def _cut(text: str, until: Sequence[str]) -> str:
     """``text`` up to the earliest stop string."""
     ends = [text.find(stop) for stop in until if stop and stop in text]
     return text[: min(ends)] if ends else text
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, each submodule's own mode restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _unwrap(model: nn.Module | None) -> nn.Module:

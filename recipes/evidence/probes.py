@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_nexus.data.generators import RandomPCFG
 from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
+from recipes.evidence.modes import eval_mode
 
 # Padded tokens per forward pass; logits also cap the batch so B*T*V stays near 64M floats.
 _MAX_TOKENS = 4096
@@ -55,14 +56,8 @@ def _encode_many(tokenizer: ByteTokenizer | BPETokenizer, texts: Sequence[str]) 
 def _frozen(model: nn.Module) -> Iterator[torch.device]:
     """Eval mode and no autograd for the duration; every module's own mode is restored afterwards
     (a model may be partly in eval mode on purpose)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield next(model.parameters()).device
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        yield next(model.parameters()).device
 
 
 def _batches(rows: Sequence[Sequence[int]], max_tokens: int) -> Iterator[tuple[list[int], Tensor]]:
