@@ -15,9 +15,9 @@ import sys
 
 from lightning_nexus.experiment.config import ExperimentConfig, ExperimentConfigError, load_experiment
 from lightning_nexus.experiment.report import write_report
-from lightning_nexus.experiment.runner import load_results, run_experiment
+from lightning_nexus.experiment.runner import StaleRunError, check_finished_runs, load_results, run_experiment
 
-__all__ = ["ExperimentConfig", "ExperimentConfigError", "load_experiment", "main", "run_experiment", "write_report"]
+__all__ = ["ExperimentConfig", "ExperimentConfigError", "StaleRunError", "load_experiment", "main", "run_experiment", "write_report"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_experiment(args.config, out_dir=args.out, seeds=args.seeds, workers=args.workers)
     except ExperimentConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        check_finished_runs(cfg)
+    except StaleRunError as err:
         raise SystemExit(f"error: {err}") from None
     failures = [] if args.report_only else run_experiment(cfg)
     results = load_results(cfg)

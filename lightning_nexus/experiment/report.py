@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from datetime import date
 from pathlib import Path
@@ -124,7 +125,14 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, reference: str, t
         "",
         comparison_table(summary["matched_trajectory"], reference),
         "",
-        "## 4. Common-minima diagnostics (end of training, equal steps)",
+        "## 4. Common-minima diagnostics (end of training)",
+        "",
+        "At matched loss (own schedules, as in section 1): the reference ladder's diagnostics interpolated at "
+        "each arm's final loss, so that a difference is not just more or less training.",
+        "",
+        comparison_table(summary["matched_own_schedules"], reference, prefixes=("diag/", "grad_cosine/")),
+        "",
+        "At equal steps:",
         "",
         comparison_table(summary["equal_steps"], reference, prefixes=("diag/", "grad_cosine/")),
         "",
@@ -132,7 +140,7 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, reference: str, t
         "",
         *[f"![{name}]({name})" for name, ok in plots.items() if ok],
     ]
-    notes = [n for c in summary["matched_own_schedules"] for n in c.notes]
+    notes = [n for c in summary["matched_own_schedules"] for n in c.notes] + void_finetunes(results)
     if notes or failures:
         lines += ["", "## Problems", ""] + [f"- {n}" for n in sorted(set(notes))]
         lines += [f"- run failed: {f.splitlines()[0]}" for f in failures or []]
@@ -142,10 +150,23 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, reference: str, t
     return path
 
 
+def void_finetunes(results: list[dict[str, Any]]) -> list[str]:
+    """Runs whose per-source fine-tunes *raised* the loss on average: the step overshot, so their
+    fine-tune distances describe the overshoot, not the landscape around the trained model."""
+    bad: dict[str, list[int]] = {}
+    for r in results:
+        drop = r.get("evidence", {}).get("diagnostics", {}).get("finetune", {}).get("mean_loss_drop")
+        if drop is not None and not drop > 0:
+            bad.setdefault(r["label"], []).append(r["seed"])
+    return [f"{label}: the fine-tune diagnostic raised the loss (seeds {sorted(seeds)}), so its distances are void; "
+            "lower the EvidenceCallback's finetune_lr" for label, seeds in sorted(bad.items())]
+
+
 def _device() -> str:
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    # cores, not torch's thread count: the runs set their own (cores / workers), this process may differ
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:

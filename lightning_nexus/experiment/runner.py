@@ -49,6 +49,50 @@ def is_finished(cfg: ExperimentConfig, run: RunSpec) -> bool:
     return (run_dir(cfg, run) / RESULT_FILE).is_file()
 
 
+class StaleRunError(ValueError):
+    """Finished runs in the output directory were trained with a config the experiment file no longer gives."""
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths at which two plain-data configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in _differences(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _without_logger(config: dict[str, Any]) -> dict[str, Any]:
+    # the logger only says where the events go, and moves with the output directory
+    return {**config, "trainer": {k: v for k, v in config.get("trainer", {}).items() if k != "logger"}}
+
+
+def check_finished_runs(cfg: ExperimentConfig) -> None:
+    """Refuse to mix results of different configs: resuming after the experiment file (or its base)
+    changed would otherwise keep the old finished runs beside new ones, and the report would compare them."""
+    stale = []
+    for run in cfg.runs():
+        directory = run_dir(cfg, run)
+        if not is_finished(cfg, run):
+            continue
+        try:
+            saved = yaml.safe_load((directory / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError) as err:
+            stale.append(f"{directory}: its config.yaml cannot be read ({err})")
+            continue
+        diff = _differences(_without_logger(saved), _without_logger(fit_config(run, directory)))
+        if diff:
+            stale.append(f"{directory}: " + "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""))
+    if stale:
+        shown = "\n  ".join(stale[:8]) + (f"\n  ... and {len(stale) - 8} more" if len(stale) > 8 else "")
+        raise StaleRunError(
+            f"{len(stale)} finished run(s) under {cfg.out_dir} were trained with a different config than the "
+            f"experiment file gives now (saved -> now):\n  {shown}\nNothing was changed. Pass a new --out to "
+            "run the changed experiment beside the old one, or delete those run directories to retrain them."
+        )
+
+
 def fit_config(run: RunSpec, directory: Path) -> dict[str, Any]:
     """The run's config with the runner's logger: events go to ``directory/tb``."""
     cfg = json.loads(json.dumps(run.config))  # deep copy, and proof the config is plain data

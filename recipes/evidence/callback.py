@@ -51,7 +51,7 @@ class EvidenceCallback(Callback):
         diagnostic_batches: int = 1,
         hessian_samples: int = 4,
         finetune_steps: int = 8,
-        finetune_lr: float = 0.1,
+        finetune_lr: float = 0.01,
     ) -> None:
         # checked here, not when the diagnostics run: a bad value must not cost a finished training run
         for name, value, low in (("probe_items", probe_items, 1), ("diagnostic_batches", diagnostic_batches, 1),

@@ -57,17 +57,17 @@ def test_tiny_preset_reports_every_arm_and_resumes(tmp_path):
 
     # nothing left to do: no run is retrained
     results = sorted(out.glob("runs/*/seed*/result.json"))
-    assert len(results) == 20
+    assert len(results) == 22
     stamps = {p: p.stat().st_mtime_ns for p in results}
     proc = run_experiment(tmp_path, small(tmp_path))
-    assert proc.returncode == 0 and "20 already finished, 0 to train" in proc.stdout, proc.stdout[-2000:]
+    assert proc.returncode == 0 and "22 already finished, 0 to train" in proc.stdout, proc.stdout[-2000:]
     assert {p: p.stat().st_mtime_ns for p in results} == stamps
 
     # an interrupted run (no result.json) is trained again, alone
-    (out / "runs" / "muon" / "seed1" / "result.json").unlink()
+    (out / "runs" / "nexus_g0" / "seed1" / "result.json").unlink()
     proc = run_experiment(tmp_path, small(tmp_path), "--workers", "1")
-    assert proc.returncode == 0 and "19 already finished, 1 to train" in proc.stdout, proc.stdout[-2000:]
-    assert "muon/seed1" in proc.stdout
+    assert proc.returncode == 0 and "21 already finished, 1 to train" in proc.stdout, proc.stdout[-2000:]
+    assert "nexus_g0/seed1" in proc.stdout
 
 
 @pytest.mark.slow

@@ -124,6 +124,27 @@ def test_report_lists_every_arm_and_writes_plots(tmp_path):
     assert nexus["deltas"]["val/loss/ood"]["mean"] == pytest.approx(-0.05)
 
 
+def test_report_compares_diagnostics_at_matched_loss_and_at_equal_steps(tmp_path):
+    # the reference's trace falls with its loss (100 x loss); the arm ends at loss 2.45 with trace 200
+    results = [result("ref", 0, b, [ev(20, loss, 5.0)], {"trace": 100 * loss}) for b, loss in ((0.8, 2.6), (1.0, 2.5), (1.2, 2.4))]
+    results.append(result("nexus", 0, 1.0, [ev(20, 2.45, 5.0)], {"trace": 200.0}))
+    text = write_report(results, tmp_path, "ref", 0.005).read_text()
+    section = text.split("## 4.")[1].split("## Plots")[0]
+    matched, steps = section.split("At equal steps")
+    assert "(-45.0000)" in matched  # 200 - 100 * 2.45
+    assert "(-50.0000)" in steps  # 200 - 250 at the reference's own 1.0x budget
+
+
+def test_report_flags_fine_tunes_that_raised_the_loss(tmp_path):
+    results = ladder(0)
+    results.append(result("nexus", 0, 1.0, [ev(10, 3.0, 9.0), ev(20, 2.45, 4.9)], {"finetune": {"mean_loss_drop": -0.3}}))
+    results.append(result("nexus_g0", 0, 1.0, [ev(10, 3.0, 9.0), ev(20, 2.45, 4.9)], {"finetune": {"mean_loss_drop": 0.05}}))
+    text = write_report(results, tmp_path, "ref", 0.005).read_text()
+    problems = text.split("## Problems")[1]
+    assert "nexus: the fine-tune diagnostic raised the loss (seeds [0])" in problems
+    assert "nexus_g0:" not in problems
+
+
 def test_analyse_needs_the_reference():
     with pytest.raises(ValueError, match="reference arm 'ref'"):
         analyse([result("arm", 0, 1.0, [ev(1, 2.0, 3.0)])], "ref", 0.005)
