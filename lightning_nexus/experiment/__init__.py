@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_experiment(args.config, out_dir=args.out, seeds=args.seeds, workers=args.workers)
     except ExperimentConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    failures: list[str] = []
     try:
-        check_finished_runs(cfg)
+        if args.report_only:
+            check_finished_runs(cfg)
+        else:
+            failures = run_experiment(cfg)
     except StaleRunError as err:
         raise SystemExit(f"error: {err}") from None
-    failures = [] if args.report_only else run_experiment(cfg)
     results = load_results(cfg)
     if not results:
         if failures:

@@ -177,7 +177,9 @@ def prepare_data(cfg: ExperimentConfig) -> None:
 
 
 def run_experiment(cfg: ExperimentConfig, log=print) -> list[str]:
-    """Train every unfinished run; returns one message per failed run (empty if all finished)."""
+    """Train every unfinished run; returns one message per failed run (empty if all finished).
+    Raises :class:`StaleRunError` before training anything if a finished run's config has changed."""
+    check_finished_runs(cfg)
     runs = cfg.runs()
     todo = [r for r in runs if not is_finished(cfg, r)]
     log(f"experiment: {len(runs)} runs ({len(cfg.arms)} arms and their budgets x {len(cfg.seeds)} seeds); "

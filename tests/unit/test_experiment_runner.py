@@ -8,7 +8,7 @@ import yaml
 
 from lightning_nexus.experiment import main
 from lightning_nexus.experiment.config import load_experiment
-from lightning_nexus.experiment.runner import RESULT_FILE, StaleRunError, check_finished_runs, fit_config, run_dir
+from lightning_nexus.experiment.runner import RESULT_FILE, StaleRunError, check_finished_runs, fit_config, run_dir, run_experiment
 
 BASE = {
     "seed_everything": 0,
@@ -55,15 +55,20 @@ def test_a_changed_base_refuses_to_mix_old_and_new_runs(finished):
     assert "2 finished run(s)" in message
     assert "trainer.callbacks.0.init_args.finetune_lr: 0.1 -> 0.01" in message
     assert "--out" in message
+    # the Python entry point checks too, before it trains anything (the unfinished run would fail: class "M")
+    (finished / "out" / "runs" / "nexus" / "seed0" / RESULT_FILE).unlink()
+    with pytest.raises(StaleRunError, match="1 finished run"):
+        run_experiment(load_experiment(finished / "exp.yaml", out_dir=str(finished / "out")))
 
 
-def test_cli_refuses_a_changed_arm_before_training_and_deletes_nothing(finished, capsys):
+@pytest.mark.parametrize("report_only", [False, True])
+def test_cli_refuses_a_changed_arm_before_training_and_deletes_nothing(finished, report_only):
     exp = json.loads(json.dumps(EXPERIMENT))
     exp["arms"][1]["callbacks"] = [{"class_path": "N", "init_args": {"inner_lr": 0.1}}]
     (finished / "exp.yaml").write_text(yaml.safe_dump(exp))
     before = sorted(p.relative_to(finished) for p in (finished / "out").rglob("*"))
     with pytest.raises(SystemExit) as exit_:
-        main(["--config", str(finished / "exp.yaml"), "--out", str(finished / "out")])
+        main(["--config", str(finished / "exp.yaml"), "--out", str(finished / "out")] + ["--report-only"] * report_only)
     assert "nexus/seed0" in str(exit_.value) and "init_args" in str(exit_.value)
     assert "adamw/seed0" not in str(exit_.value)  # only the arm that changed is named
     assert sorted(p.relative_to(finished) for p in (finished / "out").rglob("*")) == before
