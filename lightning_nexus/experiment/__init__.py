@@ -29,10 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output directory (default: out_dir from the file)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the file's seeds")
     parser.add_argument("--workers", type=int, default=None, help="runs trained at the same time")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="NAME",
+                        help="train and report only these arms (must include the reference)")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     args = parser.parse_args(argv)
     try:
-        cfg = load_experiment(args.config, out_dir=args.out, seeds=args.seeds, workers=args.workers)
+        cfg = load_experiment(args.config, out_dir=args.out, seeds=args.seeds, workers=args.workers, only_arms=args.arms)
     except ExperimentConfigError as err:
         raise SystemExit(f"error: {err}") from None
     failures: list[str] = []

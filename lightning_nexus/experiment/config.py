@@ -75,8 +75,9 @@ _ARM_KEYS = {"name", "set", "callbacks", "budgets"}
 
 
 def load_experiment(path: str | Path, out_dir: str | Path | None = None, seeds: list[int] | None = None,
-                    workers: int | None = None) -> ExperimentConfig:
-    """Read and check an experiment file; command-line values override the file's."""
+                    workers: int | None = None, only_arms: list[str] | None = None) -> ExperimentConfig:
+    """Read and check an experiment file; command-line values override the file's. ``only_arms`` keeps
+    just those arms (a follow-up on a few arms with fresh seeds); it must include the reference."""
     path = Path(path)
     if not path.is_file():
         raise ExperimentConfigError(f"{path}: no such experiment file (try recipes/evidence.yaml)")
@@ -108,6 +109,14 @@ def load_experiment(path: str | Path, out_dir: str | Path | None = None, seeds: 
     reference = raw["reference"]
     if reference not in names:
         raise ExperimentConfigError(f"{path}: reference={reference!r} is not an arm; arms: {names}")
+    if only_arms is not None:
+        unknown = [n for n in only_arms if n not in names]
+        if unknown:
+            raise ExperimentConfigError(f"{path}: no arm(s) named {unknown}; arms: {names}")
+        if reference not in only_arms:
+            raise ExperimentConfigError(f"{path}: the selected arms must include the reference {reference!r}: "
+                                        "every arm is compared with it")
+        arms = [a for a in arms if a.name in only_arms]
 
     seeds = list(seeds if seeds is not None else raw["seeds"])
     if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):

@@ -93,6 +93,17 @@ def test_bad_experiment_files_name_the_problem(tmp_path, over, message):
     assert message in str(err.value)
 
 
+def test_only_arms_keeps_the_selection_in_file_order(tmp_path):
+    write(tmp_path, "base.yaml", BASE)
+    path = write(tmp_path, "exp.yaml", experiment())
+    cfg = load_experiment(path, only_arms=["muon", "adamw"], seeds=[5])
+    assert [r.key for r in cfg.runs()] == ["adamw@0.8x/seed5", "adamw/seed5", "adamw@1.2x/seed5", "muon/seed5"]
+    with pytest.raises(ExperimentConfigError, match="must include the reference 'adamw'"):
+        load_experiment(path, only_arms=["muon"])
+    with pytest.raises(ExperimentConfigError, match=r"no arm\(s\) named \['muon2'\]"):
+        load_experiment(path, only_arms=["adamw", "muon2"])
+
+
 def test_extends_cycle_is_an_error(tmp_path):
     write(tmp_path, "a.yaml", {"extends": "b.yaml"})
     write(tmp_path, "b.yaml", {"extends": "a.yaml"})
