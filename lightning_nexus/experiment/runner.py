@@ -73,9 +73,9 @@ def check_finished_runs(cfg: ExperimentConfig) -> None:
     changed would otherwise keep the old finished runs beside new ones, and the report would compare them."""
     stale = []
     for run in cfg.runs():
-        directory = run_dir(cfg, run)
         if not is_finished(cfg, run):
             continue
+        directory = run_dir(cfg, run)
         try:
             saved = yaml.safe_load((directory / "config.yaml").read_text())
         except (OSError, yaml.YAMLError) as err:
