@@ -26,13 +26,26 @@ def measure_build(bytes_per_source: int) -> dict:
         build_embedded_corpus(d, max_bytes_per_source=bytes_per_source, verbose=False)
         warm = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in Path(corpus.root).rglob("*") if p.is_file())
-        return {"build_s": round(cold, 2), "cached_load_s": round(warm, 3), "disk_mb": round(size / 1e6, 2),
-                "sources": {s.name: [s.role, s.num_tokens] for s in corpus.sources}}
+        return {
+            "build_s": round(cold, 2),
+            "cached_load_s": round(warm, 3),
+            "disk_mb": round(size / 1e6, 2),
+            "sources": {s.name: [s.role, s.num_tokens] for s in corpus.sources},
+        }
 
 
-def measure_loader(cache: str, bytes_per_source: int, block: int, batch: int, workers: int, mixing: str, seconds: float) -> float:
-    dm = MixedSourceDataModule(cache_dir=cache, block_size=block, batch_size=batch, num_workers=workers, mixing=mixing,
-                               corpus_bytes_per_source=bytes_per_source, train_batches_per_epoch=10**7)
+def measure_loader(
+    cache: str, bytes_per_source: int, block: int, batch: int, workers: int, mixing: str, seconds: float
+) -> float:
+    dm = MixedSourceDataModule(
+        cache_dir=cache,
+        block_size=block,
+        batch_size=batch,
+        num_workers=workers,
+        mixing=mixing,
+        corpus_bytes_per_source=bytes_per_source,
+        train_batches_per_epoch=10**7,
+    )
     dm.setup("fit")
     it = iter(dm.train_dataloader())
     for _ in range(20):  # worker start-up is not throughput

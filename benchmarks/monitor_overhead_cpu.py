@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from benchmarks.ab import Measurement, NullLogger, Stopwatch, alternate, ratio, spread
 from lightning_nexus import NexusCallback
 from lightning_nexus.monitor import GradSimilarityMonitor
-from recipes.models import GPTConfig
-from recipes.module import CausalLMModule
+from lightning_nexus_recipes.models import GPTConfig
+from lightning_nexus_recipes.module import CausalLMModule
 
 
 def _fit(monitor: bool, args: argparse.Namespace) -> Measurement:
@@ -33,15 +33,26 @@ def _fit(monitor: bool, args: argparse.Namespace) -> Measurement:
     gen = torch.Generator().manual_seed(1)
     n = args.steps * 4
     tokens = torch.randint(0, 256, (n, 8, 129), generator=gen)
-    batches = [{"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(), "source_id": torch.full((8,), i % 4)}
-               for i, t in enumerate(tokens)]
+    batches = [
+        {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(), "source_id": torch.full((8,), i % 4)}
+        for i, t in enumerate(tokens)
+    ]
     callbacks: list[pl.Callback] = [NexusCallback(inner_lr=0.05)]
     if monitor:
         callbacks.append(GradSimilarityMonitor(mode=args.mode))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, accumulate_grad_batches=4, log_every_n_steps=args.every,
-        callbacks=callbacks, logger=NullLogger(), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        accumulate_grad_batches=4,
+        log_every_n_steps=args.every,
+        callbacks=callbacks,
+        logger=NullLogger(),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     watch = Stopwatch()
     watch.start()
@@ -79,10 +90,12 @@ def main() -> None:
         "repeats": args.repeats,
         "torch": torch.__version__,
     }
-    print(f"step time without monitor {wall['without'] * 1e3:.1f} ms, with {wall['with'] * 1e3:.1f} ms: overhead "
-          f"{wall_ratio.value - 1:+.2%} wall (per round {wall_ratio.paired.low - 1:+.2%} to "
-          f"{wall_ratio.paired.high - 1:+.2%}), {cpu_ratio.value - 1:+.2%} CPU time (per round "
-          f"{cpu_ratio.paired.low - 1:+.2%} to {cpu_ratio.paired.high - 1:+.2%})")
+    print(
+        f"step time without monitor {wall['without'] * 1e3:.1f} ms, with {wall['with'] * 1e3:.1f} ms: overhead "
+        f"{wall_ratio.value - 1:+.2%} wall (per round {wall_ratio.paired.low - 1:+.2%} to "
+        f"{wall_ratio.paired.high - 1:+.2%}), {cpu_ratio.value - 1:+.2%} CPU time (per round "
+        f"{cpu_ratio.paired.low - 1:+.2%} to {cpu_ratio.paired.high - 1:+.2%})"
+    )
     print(json.dumps(record))
 
 

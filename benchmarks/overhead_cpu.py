@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.ab import Measurement, Stopwatch, alternate, ratio, spread
 from lightning_nexus import NexusCallback
-from recipes.models import GPT, GPTConfig
+from lightning_nexus_recipes.models import GPT, GPTConfig
 
 
 class _TinyLM(pl.LightningModule):
@@ -43,11 +43,21 @@ def _fit(nexus: bool, args: argparse.Namespace) -> Measurement:
     torch.manual_seed(0)
     module = _TinyLM()
     n = args.steps * args.accumulate
-    batches = list(torch.randint(0, 256, (n, args.batch_size, args.block + 1), generator=torch.Generator().manual_seed(1)))
+    batches = list(
+        torch.randint(0, 256, (n, args.batch_size, args.block + 1), generator=torch.Generator().manual_seed(1))
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
-        callbacks=[NexusCallback(inner_lr=0.05)] if nexus else [], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=[NexusCallback(inner_lr=0.05)] if nexus else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     loader = DataLoader(batches, batch_size=None)
     watch = Stopwatch()

@@ -12,7 +12,7 @@ builds its own model), the same synthetic token batches and the same compile sta
 
 Loops (``--loop``):
 
-* ``lightning`` (default): the recipe path, ``recipes.CausalLMModule`` + ``Trainer(accumulate_grad_batches=K)``,
+* ``lightning`` (default): the recipe path, ``lightning_nexus_recipes.CausalLMModule`` + ``Trainer(accumulate_grad_batches=K)``,
   ``NexusCallback`` for the Nexus arm, and a logger that makes Lightning do its logging work every
   ``--log-every`` steps without writing files (the recipes log every 10).
 * ``plain``: a plain PyTorch loop over the same model, optimizer and schedule (made by CausalLMModule's own
@@ -46,7 +46,7 @@ precision (bf16 for bf16-mixed; fp32 for 32-true, TF32 when ``--float32-matmul-p
 Lightning's table lists some chips at their sparse peak (H200: 2.0 PFLOP/s bf16, twice the dense figure);
 pass ``--peak-flops`` for those. On CPU, peak memory is None, and so is MFU unless ``--peak-flops`` is given.
 
-Models: ``FAMILY:SIZE`` from recipes.models (``gpt:tiny``, ``gpt:gpt2_124m``, ``gpt:gpt2_350m``,
+Models: ``FAMILY:SIZE`` from lightning_nexus_recipes.models (``gpt:tiny``, ``gpt:gpt2_124m``, ``gpt:gpt2_350m``,
 ``llama:tiny``, ``llama:130m``, ``llama:370m``, ``llama:1b``, ``llama:3b``) at the preset's vocabulary (GPT-2's
 50304, Llama's 32000). The recipe YAMLs train the embedded corpus with a byte tokenizer, whose vocabulary
 of 256 is ``--vocab-size 256`` here (a smaller embedding and head: fewer FLOPs and a cheaper Nexus step).
@@ -85,10 +85,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.ab import Measurement, NullLogger, Stopwatch, alternate, ratio, spread
 from lightning_nexus import DEFAULT_INNER_LR, Nexus, NexusCallback
-from recipes.models import GPTConfig, LlamaConfig, ModelConfig
-from recipes.models.gpt import GPT_PRESETS
-from recipes.models.llama import LLAMA_PRESETS
-from recipes.module import CausalLMModule
+from lightning_nexus_recipes.models import GPTConfig, LlamaConfig, ModelConfig
+from lightning_nexus_recipes.models.gpt import GPT_PRESETS
+from lightning_nexus_recipes.models.llama import LLAMA_PRESETS
+from lightning_nexus_recipes.module import CausalLMModule
 
 PRECISIONS = ("32-true", "bf16-mixed")
 LOOPS = {"lightning": ("lightning",), "plain": ("plain",), "both": ("lightning", "plain")}
@@ -220,10 +220,20 @@ def fit_lightning(setup: Setup, nexus: bool) -> Measurement:
     if nexus:
         callbacks.append(NexusCallback(inner_lr=args.inner_lr))
     trainer = pl.Trainer(
-        accelerator=setup.device.type, devices=1, precision=args.precision, max_steps=setup.total_steps,
-        accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip or None, callbacks=callbacks,
-        logger=NullLogger(), log_every_n_steps=args.log_every, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator=setup.device.type,
+        devices=1,
+        precision=args.precision,
+        max_steps=setup.total_steps,
+        accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip or None,
+        callbacks=callbacks,
+        logger=NullLogger(),
+        log_every_n_steps=args.log_every,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     loader = DataLoader(_TokenPool(setup.pool, setup.total_steps * args.accumulate), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
@@ -407,15 +417,20 @@ def format_table(record: dict[str, Any]) -> str:
         low, high = r["throughput_nexus_over_adamw_range"]
         memory = "peak memory n/a (CPU)"
         if r["peak_mem_diff_bytes"] is not None:
-            memory = (f"peak memory {r['peak_mem_diff_bytes'] / 2**30:+.2f} GiB = "
-                      f"{r['peak_mem_diff_over_fp32_params']:.2f} fp32 parameter copies")
+            memory = (
+                f"peak memory {r['peak_mem_diff_bytes'] / 2**30:+.2f} GiB = "
+                f"{r['peak_mem_diff_over_fp32_params']:.2f} fp32 parameter copies"
+            )
         cpu_time = ""
         if record["device"] == "cpu":
             c_low, c_high = r["throughput_nexus_over_adamw_cpu_time_range"]
-            cpu_time = (f"; per CPU second {r['throughput_nexus_over_adamw_cpu_time']:.4f} "
-                        f"(per round {c_low:.4f}-{c_high:.4f})")
-        lines.append(f"{loop:<10} nexus/adamw: throughput {r['throughput_nexus_over_adamw']:.4f} "
-                     f"(per round {low:.4f}-{high:.4f}){cpu_time}, {memory}")
+            cpu_time = (
+                f"; per CPU second {r['throughput_nexus_over_adamw_cpu_time']:.4f} (per round {c_low:.4f}-{c_high:.4f})"
+            )
+        lines.append(
+            f"{loop:<10} nexus/adamw: throughput {r['throughput_nexus_over_adamw']:.4f} "
+            f"(per round {low:.4f}-{high:.4f}){cpu_time}, {memory}"
+        )
     if "lightning_over_plain" in record["ratios"]:
         r = record["ratios"]["lightning_over_plain"]
         lines.append(f"lightning/plain throughput: adamw {r['adamw']:.4f}, nexus {r['nexus']:.4f}")
@@ -425,36 +440,49 @@ def format_table(record: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.throughput", description=__doc__,
+        prog="python -m benchmarks.throughput",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="gpt:tiny", help="recipe preset FAMILY:SIZE (default gpt:tiny)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="override the preset's vocabulary (256 = the recipes' byte tokenizer)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="override the preset's vocabulary (256 = the recipes' byte tokenizer)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="B, sequences per micro-batch")
     parser.add_argument("--block", type=int, default=128, help="T, tokens per sequence")
-    parser.add_argument("--accumulate", type=int, default=4,
-                        help="K, micro-batches per optimizer step (accumulate_grad_batches)")
+    parser.add_argument(
+        "--accumulate", type=int, default=4, help="K, micro-batches per optimizer step (accumulate_grad_batches)"
+    )
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each transformer block (CausalLMModule(compile=True))")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: cuda if available, else cpu")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each transformer block (CausalLMModule(compile=True))"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available, else cpu"
+    )
     parser.add_argument("--loop", default="lightning", choices=list(LOOPS), help="training loop(s) to measure")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per fit")
-    parser.add_argument("--warmup-steps", type=int, default=3,
-                        help="untimed optimizer steps at the start of every fit (>= 1)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=3, help="untimed optimizer steps at the start of every fit (>= 1)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (one fit per arm each)")
     parser.add_argument("--warmup-fits", type=int, default=0, help="discarded rounds before the timed ones")
     parser.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Nexus γ")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm as in the recipes (0: off)")
     parser.add_argument("--log-every", type=int, default=10, help="Trainer(log_every_n_steps) in the lightning loop")
-    parser.add_argument("--float32-matmul-precision", default="highest", choices=["highest", "high", "medium"],
-                        help="torch.set_float32_matmul_precision (matters for 32-true on CUDA; "
-                             "the recipes leave 'highest')")
-    parser.add_argument("--peak-flops", type=float, default=None,
-                        help="peak FLOP/s for MFU, overriding Lightning's table")
+    parser.add_argument(
+        "--float32-matmul-precision",
+        default="highest",
+        choices=["highest", "high", "medium"],
+        help="torch.set_float32_matmul_precision (matters for 32-true on CUDA; the recipes leave 'highest')",
+    )
+    parser.add_argument(
+        "--peak-flops", type=float, default=None, help="peak FLOP/s for MFU, overriding Lightning's table"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="append one JSON line with every figure to this file")
     return parser
@@ -531,8 +559,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str], spec: ModelSpec, device:
     def progress(round_index: int, arm: str, m: Measurement) -> None:
         label = "warm-up" if round_index < 0 else f"round {round_index + 1}/{args.repeats}"
         peak = m.extra["peak_mem_bytes"]
-        print(f"[throughput] {label} {arm}: {m.wall_rate:,.0f} tokens/s, {m.wall_s / args.steps * 1e3:.1f} ms/step"
-              + ("" if peak is None else f", peak {peak / 2**30:.2f} GiB"), file=sys.stderr, flush=True)
+        print(
+            f"[throughput] {label} {arm}: {m.wall_rate:,.0f} tokens/s, {m.wall_s / args.steps * 1e3:.1f} ms/step"
+            + ("" if peak is None else f", peak {peak / 2**30:.2f} GiB"),
+            file=sys.stderr,
+            flush=True,
+        )
 
     runs = alternate(arms, args.repeats, warmup=args.warmup_fits, on_result=progress)
     flops = peak_flops(device, args.precision, args.peak_flops)

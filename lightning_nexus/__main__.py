@@ -1,5 +1,5 @@
 """``python -m lightning_nexus`` is the ``lightning-nexus`` command."""
 
-from lightning_nexus.cli import main
+from lightning_nexus.tools.cli import main
 
 main()

@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+import lightning_nexus.strategies  # noqa: F401  (registers the nexus_* strategy names)
 from lightning_nexus.core import DTensor, Nexus, _local, _unique_trainable
 
 DEFAULT_INNER_LR = 0.05
@@ -289,7 +290,9 @@ class NexusCallback(Callback):
             self.nexus.restore_anchor()
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         nexus = self.nexus
         if nexus is None or not nexus.params_moved or "state_dict" not in checkpoint:
             return

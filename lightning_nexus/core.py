@@ -202,7 +202,9 @@ class Nexus:
         """
         result = WindowResult(self.window_position, self.abandoned, self._window_lr)
         idx = [i for i, touched in enumerate(self._touched) if touched]
-        if self.window_position > 0 and not self.abandoned and idx:  # idx is empty on a rank whose shard got no gradient
+        if (
+            self.window_position > 0 and not self.abandoned and idx
+        ):  # idx is empty on a rank whose shard got no gradient
             buf = [self._buffer[i] for i in idx]
             if self._window_lr > 0:  # G = (θ0 − θ_K)/(γn), then θ := θ0
                 live = [self._locals[i] for i in idx]
@@ -332,5 +334,7 @@ def _write_grad(p: Tensor, value: Tensor) -> None:
         return
     value = value.to(p.dtype)
     if DTensor is not None and isinstance(p, DTensor):
-        value = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        value = DTensor.from_local(
+            value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
     p.grad = value

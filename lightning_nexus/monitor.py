@@ -118,7 +118,9 @@ class GradSimilarityMonitor(Callback):
         if not isinstance(sketch_dim, int) or sketch_dim < 1:
             raise ValueError(f"GradSimilarityMonitor(sketch_dim={sketch_dim!r}): expected a positive int.")
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"GradSimilarityMonitor(every_n_steps={every_n_steps!r}): expected a positive int or None.")
+            raise ValueError(
+                f"GradSimilarityMonitor(every_n_steps={every_n_steps!r}): expected a positive int or None."
+            )
         self.mode = mode
         self.sketch_dim = sketch_dim
         self.every_n_steps = every_n_steps
@@ -185,7 +187,9 @@ class GradSimilarityMonitor(Callback):
 
     # ------------------------------------------------------------------ the window
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         K = trainer.accumulate_grad_batches
         if batch_idx % K == 0:  # Lightning zeroes .grad in this micro-batch: a window starts
             self._end_window()

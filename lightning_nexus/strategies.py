@@ -23,9 +23,9 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegi
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.nn import Module
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class NexusDDPStrategy(DDPStrategy):
         )
 
     @override
-    def setup(self, trainer: "pl.Trainer") -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         if self.sync == "window" and not any(getattr(cb, "nexus_window_reducer", False) for cb in trainer.callbacks):
             raise RuntimeError(
                 "NexusDDPStrategy(sync='window') switches DDP's gradient all-reduce off and averages only the "
@@ -210,7 +210,7 @@ class NexusFSDPStrategy(FSDPStrategy):
         return modules[0].process_group
 
     @override
-    def setup(self, trainer: "pl.Trainer") -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         if type(self.precision_plugin) is FSDPPrecision:  # the stock plugin raises on norm clipping
             stock = self.precision_plugin
             plugin = _NexusFSDPPrecision(stock.precision, self)
@@ -246,8 +246,12 @@ class NexusFSDPStrategy(FSDPStrategy):
         # Lightning passes device_id=root_device.index, None on CPU, where FSDP1 refuses to run ("FSDP needs a
         # non-CPU accelerator device"); an explicit CPU device makes it run on gloo.
         model = FullyShardedDataParallel(
-            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
         )
         policy = self.kwargs.pop("auto_wrap_policy", None)  # applied just now: super would warn and drop it
         try:
@@ -267,9 +271,12 @@ class NexusFSDPStrategy(FSDPStrategy):
 
         # `wrap()` in configure_model on CPU: the same device_id fix as _setup_model
         with enable_wrap(
-            wrapper_cls=FullyShardedDataParallel, cpu_offload=self.cpu_offload,
-            mixed_precision=self.mixed_precision_config, sharding_strategy=self.sharding_strategy,
-            device_id=torch.device("cpu"), **self.kwargs,
+            wrapper_cls=FullyShardedDataParallel,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
         ):
             yield
 
@@ -304,6 +311,12 @@ def register_strategies() -> None:
         "nexus_ddp_window", NexusDDPStrategy, description="DDP for Nexus, one all-reduce per window", sync="window"
     )
     StrategyRegistry.register(
-        "nexus_ddp_spawn", NexusDDPStrategy, description="nexus_ddp with start_method='spawn'", sync="every",
+        "nexus_ddp_spawn",
+        NexusDDPStrategy,
+        description="nexus_ddp with start_method='spawn'",
+        sync="every",
         start_method="spawn",
     )
+
+
+register_strategies()

@@ -3,7 +3,7 @@
 Run one with ``lightning-nexus fit --config recipes/quickstart.yaml``.
 """
 
-from recipes.models import GPT, GPTConfig, Llama, LlamaConfig, build_model
-from recipes.module import CausalLMModule, MuonWithAdamW
+from lightning_nexus_recipes.models import GPT, GPTConfig, Llama, LlamaConfig, build_model
+from lightning_nexus_recipes.module import CausalLMModule, MuonWithAdamW
 
 __all__ = ["CausalLMModule", "GPT", "GPTConfig", "Llama", "LlamaConfig", "MuonWithAdamW", "build_model"]

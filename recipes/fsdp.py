@@ -9,7 +9,7 @@ from torch import nn
 
 def shard_model(
     model: nn.Module,
-    mesh: "torch.distributed.device_mesh.DeviceMesh",
+    mesh: torch.distributed.device_mesh.DeviceMesh,
     param_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
@@ -22,7 +22,11 @@ def shard_model(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    mp_policy = (
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if param_dtype
+        else MixedPrecisionPolicy()
+    )
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again right after forward (the head in the loss): keep them.

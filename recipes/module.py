@@ -18,8 +18,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
-from recipes.fsdp import shard_model
-from recipes.models import GPTConfig, LlamaConfig, build_model
+from lightning_nexus_recipes.fsdp import shard_model
+from lightning_nexus_recipes.models import GPTConfig, LlamaConfig, build_model
 
 try:
     from torch.distributed.tensor import DTensor
@@ -62,7 +62,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         no_decay = [p for p in adamw_params if p.ndim < 2]
         self._muon = torch.optim.Muon(
             [{"params": muon_params, "kind": "muon"}],
-            lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw",
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            adjust_lr_fn="match_rms_adamw",
         )
         adamw_groups = [{"params": decay, "kind": "adamw"}, {"params": no_decay, "kind": "adamw", "weight_decay": 0.0}]
         self._adamw = torch.optim.AdamW(
@@ -101,7 +104,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16, "16-true": torch.float16}
+_PRECISION_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+}
 
 
 class CausalLMModule(LightningModule):
@@ -113,7 +121,7 @@ class CausalLMModule(LightningModule):
 
     Example::
 
-        >>> from recipes.models import GPTConfig
+        >>> from lightning_nexus_recipes.models import GPTConfig
         >>> module = CausalLMModule(model=GPTConfig(size="tiny"), lr=1e-3)
         >>> module.configure_model()
         >>> module.model.config.n_layer
@@ -357,8 +365,13 @@ class CausalLMModule(LightningModule):
                 raise ValueError("CausalLMModule.optimizer='muon' does not support sharded (DTensor) parameters")
             muon, other = _split_muon_params(self.model)
             optimizer: torch.optim.Optimizer = MuonWithAdamW(
-                muon, other, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
-                momentum=self.muon_momentum, fused=fused,
+                muon,
+                other,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                betas=self.betas,
+                momentum=self.muon_momentum,
+                fused=fused,
             )
         else:
             decay = [p for p in params if p.ndim >= 2]
@@ -371,7 +384,9 @@ class CausalLMModule(LightningModule):
                 "CausalLMModule cannot size the LR schedule: set trainer.max_steps (or model.init_args.max_steps)"
             )
         warmup, min_ratio = self.warmup_steps, self.min_lr_ratio
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)
+        )
         # interval=step: one scheduler step per optimizer (outer) step, i.e. per Nexus window.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

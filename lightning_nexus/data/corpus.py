@@ -22,9 +22,10 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 from lightning_nexus.data.generators import GENERATORS_VERSION, arithmetic_docs, pcfg_docs
 from lightning_nexus.data.store import MANIFEST, CorruptCacheError, read_manifest, write_token_dir
@@ -93,7 +94,11 @@ def _code_files(max_bytes: int) -> list[Path]:
 
 
 def _prose_files(max_bytes: int) -> list[Path]:
-    licenses = list(_walk(Path("/usr/share/common-licenses"), lambda p: True)) if Path("/usr/share/common-licenses").is_dir() else []
+    licenses = (
+        list(_walk(Path("/usr/share/common-licenses"), lambda p: True))
+        if Path("/usr/share/common-licenses").is_dir()
+        else []
+    )
 
     def doc_ok(p: Path) -> bool:
         n = p.name.lower()
@@ -149,7 +154,9 @@ class _SourcePlan:
             yield from self.fallback_docs()
 
     def fingerprint(self) -> list:
-        return [self.name, self.role, self.origin] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+        return [self.name, self.role, self.origin] + [
+            [str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files
+        ]
 
 
 def _plan(max_bytes: int, seed: int) -> list[_SourcePlan]:
@@ -163,9 +170,19 @@ def _plan(max_bytes: int, seed: int) -> list[_SourcePlan]:
         prose.origin += " + stdlib docstrings"
         prose.fallback_docs = lambda: _docstrings(max_bytes - prose_bytes)
     plans.append(prose)
-    plans.append(_SourcePlan("math", "train", f"generator v{GENERATORS_VERSION}", docs=lambda: arithmetic_docs(seed, max_bytes)))
-    plans.append(_SourcePlan("formal", "train", f"pcfg v{GENERATORS_VERSION} grammar 1", docs=lambda: pcfg_docs(1, seed, max_bytes)))
-    plans.append(_SourcePlan("grammar_ood", "ood", f"pcfg v{GENERATORS_VERSION} grammar 2", docs=lambda: pcfg_docs(2, seed, max_bytes)))
+    plans.append(
+        _SourcePlan("math", "train", f"generator v{GENERATORS_VERSION}", docs=lambda: arithmetic_docs(seed, max_bytes))
+    )
+    plans.append(
+        _SourcePlan(
+            "formal", "train", f"pcfg v{GENERATORS_VERSION} grammar 1", docs=lambda: pcfg_docs(1, seed, max_bytes)
+        )
+    )
+    plans.append(
+        _SourcePlan(
+            "grammar_ood", "ood", f"pcfg v{GENERATORS_VERSION} grammar 2", docs=lambda: pcfg_docs(2, seed, max_bytes)
+        )
+    )
     headers = _header_files(max_bytes)
     if sum(p.stat().st_size for p in headers) >= max_bytes // 4:
         plans.append(_SourcePlan("c_headers", "ood", "/usr/include", files=headers))
@@ -229,7 +246,9 @@ def build_embedded_corpus(
     if tokenizer not in ("byte", "bpe"):
         raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
     if max_bytes_per_source < 1000:
-        raise ValueError(f"max_bytes_per_source={max_bytes_per_source} is too small to build a useful corpus (use >= 1000)")
+        raise ValueError(
+            f"max_bytes_per_source={max_bytes_per_source} is too small to build a useful corpus (use >= 1000)"
+        )
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plans = _plan(max_bytes_per_source, seed)
     key_src = json.dumps(
@@ -301,7 +320,9 @@ def _load(root: Path, verify: bool) -> EmbeddedCorpus:
     for e in manifest["sources"]:
         sub = read_manifest(root / e["name"], verify=verify, what=f"{what}, source '{e['name']}'")
         if sub.get("num_tokens") != e["num_tokens"]:
-            raise CorruptCacheError(f"{what}: source '{e['name']}' disagrees with {root / MANIFEST}; delete {root} to rebuild")
+            raise CorruptCacheError(
+                f"{what}: source '{e['name']}' disagrees with {root / MANIFEST}; delete {root} to rebuild"
+            )
         sources.append(CorpusSource(e["name"], e["role"], root / e["name"] / "data", e["num_tokens"]))
     tok = str(root / "tokenizer.json") if manifest["tokenizer"] == "bpe" else "byte"
     return EmbeddedCorpus(root, sources, tok, int(manifest["vocab_size"]))

@@ -17,9 +17,9 @@ the loop in the current epoch and, after a restore, starts the epoch that many b
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -145,8 +145,17 @@ def _no_collate(x: RawBatch) -> RawBatch:
 class _ValBatches(IterableDataset):
     """Fixed held-out blocks of one source, batch ``j`` on rank ``j % world``."""
 
-    def __init__(self, stream: TokenStream, source_id: int, first_token: int, n_batches: int, block_size: int,
-                 batch_size: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        stream: TokenStream,
+        source_id: int,
+        first_token: int,
+        n_batches: int,
+        block_size: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
         self.stream, self.source_id, self.first = stream, source_id, first_token
         self.seq, self.batch_size = block_size + 1, batch_size
         self.indices = list(range(rank, n_batches, world_size))
@@ -174,7 +183,9 @@ class _ResumableLoader(DataLoader):
     an own counter that advances after each complete pass, so plain loops get new data each epoch.
     """
 
-    def __init__(self, dataset: _TrainBatches, num_workers: int, epoch_fn: Callable[[], int | None], **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: _TrainBatches, num_workers: int, epoch_fn: Callable[[], int | None], **kwargs: Any
+    ) -> None:
         super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=_no_collate, **kwargs)
         self._epoch_fn = epoch_fn
         self._own_epoch = 0
@@ -211,7 +222,11 @@ class _ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
-        self._epoch, self._yielded, self._own_epoch = self._resume["epoch"], self._resume["batches"], self._resume["epoch"]
+        self._epoch, self._yielded, self._own_epoch = (
+            self._resume["epoch"],
+            self._resume["batches"],
+            self._resume["epoch"],
+        )
 
 
 class MixedSourceDataModule(LightningDataModule):
@@ -270,8 +285,12 @@ class MixedSourceDataModule(LightningDataModule):
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()
-        for arg, val, lo in (("block_size", block_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                             ("val_batches_per_source", val_batches_per_source, 0)):
+        for arg, val, lo in (
+            ("block_size", block_size, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("val_batches_per_source", val_batches_per_source, 0),
+        ):
             if not isinstance(val, int) or val < lo:
                 raise ValueError(f"{arg} must be an integer >= {lo}, got {val!r}")
         if schedule not in ("round_robin", "weighted"):
@@ -324,7 +343,9 @@ class MixedSourceDataModule(LightningDataModule):
         if self._resolved is not None:
             return self._resolved
         if self.sources is None:
-            corpus = build_embedded_corpus(self.cache_dir, self.corpus_bytes_per_source, self.tokenizer, self.bpe_vocab_size, seed=0)
+            corpus = build_embedded_corpus(
+                self.cache_dir, self.corpus_bytes_per_source, self.tokenizer, self.bpe_vocab_size, seed=0
+            )
             entries = [(s.name, s.role, TokenStream(s.path, name=s.name), 1.0) for s in corpus.sources]
             vocab = corpus.vocab_size
             tok = ByteTokenizer() if corpus.tokenizer == "byte" else BPETokenizer(corpus.tokenizer)
@@ -431,8 +452,17 @@ class MixedSourceDataModule(LightningDataModule):
         active, n_blocks, sids, sched = self._train_geometry()
         length = self._epoch_length(n_blocks, sched, world)
         return _TrainBatches(
-            [e[2] for _, e in active], sids, n_blocks, self.block_size, self.batch_size, sched, self.mixing,
-            self.seed, rank, world, length,
+            [e[2] for _, e in active],
+            sids,
+            n_blocks,
+            self.block_size,
+            self.batch_size,
+            sched,
+            self.mixing,
+            self.seed,
+            rank,
+            world,
+            length,
         )
 
     def train_dataloader(self) -> _ResumableLoader:
@@ -453,7 +483,7 @@ class MixedSourceDataModule(LightningDataModule):
         rank, world = self._rank_world()
         seq = self.block_size + 1
         loaders = []
-        for sid, (name, role, stream, _) in enumerate(res["train"] + res["ood"]):
+        for sid, (_name, role, stream, _) in enumerate(res["train"] + res["ood"]):
             if role == "train":
                 first = stream.num_tokens - self._val_tokens()
                 n = self.val_batches_per_source

@@ -6,7 +6,7 @@ on every machine and Python version we support."""
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 GENERATORS_VERSION = "1"
 

@@ -15,8 +15,9 @@ times, so mixture weights hold exactly every ``P`` units rather than only in exp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 

@@ -11,9 +11,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from lightning_nexus.data.store import TokenStream, read_manifest, write_token_dir
 from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
@@ -135,7 +136,9 @@ def _documents(spec: SourceSpec, files: list[Path]) -> Iterator[str]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise SourceError(f"source '{spec.name}': {f}:{lineno} is not valid JSON ({err.msg}); fix or remove the line") from err
+                    raise SourceError(
+                        f"source '{spec.name}': {f}:{lineno} is not valid JSON ({err.msg}); fix or remove the line"
+                    ) from err
                 if not isinstance(rec, dict) or spec.jsonl_field not in rec:
                     raise SourceError(
                         f"source '{spec.name}': {f}:{lineno} has no field {spec.jsonl_field!r}; set jsonl_field to the field holding the text"
@@ -153,7 +156,10 @@ def train_user_bpe(specs: list[SourceSpec], cache: Path, vocab_size: int, max_ch
     if not text_train:
         raise SourceError("tokenizer='bpe' needs at least one text or jsonl train source to learn from")
     key = hashlib.sha256(
-        json.dumps([SOURCES_VERSION, vocab_size, max_chars] + [[s.name, s.format, s.jsonl_field, _files_key(expand_paths(s))] for s in text_train]).encode()
+        json.dumps(
+            [SOURCES_VERSION, vocab_size, max_chars]
+            + [[s.name, s.format, s.jsonl_field, _files_key(expand_paths(s))] for s in text_train]
+        ).encode()
     ).hexdigest()[:16]
     path = cache / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
     if path.exists():
@@ -171,20 +177,26 @@ def train_user_bpe(specs: list[SourceSpec], cache: Path, vocab_size: int, max_ch
     return BPETokenizer.train(docs(), vocab_size, path)
 
 
-def resolve_source(spec: SourceSpec, tokenizer: ByteTokenizer | BPETokenizer, cache: Path, verify: bool = True) -> TokenStream:
+def resolve_source(
+    spec: SourceSpec, tokenizer: ByteTokenizer | BPETokenizer, cache: Path, verify: bool = True
+) -> TokenStream:
     """Turn a spec into a token stream, tokenizing text/JSONL into the cache the first time."""
     files = expand_paths(spec)
     if spec.format == "litdata":
         stream = TokenStream(files, name=spec.name)
     else:
         key = hashlib.sha256(
-            json.dumps([SOURCES_VERSION, spec.format, spec.jsonl_field, tokenizer.fingerprint, _files_key(files)]).encode()
+            json.dumps(
+                [SOURCES_VERSION, spec.format, spec.jsonl_field, tokenizer.fingerprint, _files_key(files)]
+            ).encode()
         ).hexdigest()[:16]
         out = cache / "sources" / f"{spec.name}-{key}"
         if not out.exists():
             tokens = tokenizer.encode_docs(_documents(spec, files))
             if tokens.size <= len(files):  # only end-of-document markers: every document was empty
-                raise SourceError(f"source '{spec.name}': its {len(files)} file(s) hold no text; point paths at non-empty data")
+                raise SourceError(
+                    f"source '{spec.name}': its {len(files)} file(s) hold no text; point paths at non-empty data"
+                )
             write_token_dir(out, tokens, {"name": spec.name, "format": spec.format, "files": [str(f) for f in files]})
         read_manifest(out, verify=verify, what=f"token cache of source '{spec.name}'")
         stream = TokenStream(out / "data", name=spec.name)

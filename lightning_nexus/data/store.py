@@ -202,7 +202,9 @@ class TokenStream:
         for d in self.dirs:
             dtype, chunks = _read_index(d, name)
             if self.dtype is not None and dtype != self.dtype:
-                raise ValueError(f"source '{name}': {d} holds {dtype} tokens but an earlier path holds {self.dtype}; re-optimize one of them")
+                raise ValueError(
+                    f"source '{name}': {d} holds {dtype} tokens but an earlier path holds {self.dtype}; re-optimize one of them"
+                )
             self.dtype = dtype
             for fname, n_items, dim in chunks:
                 self.chunks.append(_Chunk(str(d / fname), (n_items + 2) * 4, start, dim))
@@ -245,4 +247,3 @@ class TokenStream:
             best = max(best, int(self._map(i)[: limit_tokens - seen].max(initial=0)))
             seen += c.size
         return best
-

@@ -7,8 +7,8 @@ packed blocks can span documents and the model can learn where one ends.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class BPETokenizer:
         self.fingerprint = "bpe-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 
     @staticmethod
-    def train(docs: Iterable[str], vocab_size: int, path: str | Path) -> "BPETokenizer":
+    def train(docs: Iterable[str], vocab_size: int, path: str | Path) -> BPETokenizer:
         try:
             from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         except ImportError as err:  # pragma: no cover - tokenizers ships in the dev environment

@@ -1,6 +1,6 @@
 """Evidence experiment for Nexus vs AdamW: downstream probes that measure transfer, not memorization,
 common-minima diagnostics, and the callback that runs both during ``lightning-nexus experiment``."""
 
-from recipes.evidence.callback import EvidenceCallback
+from lightning_nexus_recipes.evidence.callback import EvidenceCallback
 
 __all__ = ["EvidenceCallback"]

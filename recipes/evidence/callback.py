@@ -17,14 +17,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from recipes.evidence.diagnostics import fine_tune_distances, per_source_traces
-from recipes.evidence.probes import ArithmeticTransferProbe, GrammarDepthProbe
+from lightning_nexus_recipes.evidence.diagnostics import fine_tune_distances, per_source_traces
+from lightning_nexus_recipes.evidence.probes import ArithmeticTransferProbe, GrammarDepthProbe
 
 EVIDENCE_FILE = "evidence.json"
 
 
 class EvidenceCallback(Callback):
-    """Probes and diagnostics for ``recipes.CausalLMModule`` on ``MixedSourceDataModule``.
+    """Probes and diagnostics for ``lightning_nexus_recipes.CausalLMModule`` on ``MixedSourceDataModule``.
 
     Args:
         probes: run the downstream probes at every validation.
@@ -38,7 +38,7 @@ class EvidenceCallback(Callback):
 
     Example::
 
-        >>> from recipes.evidence.callback import EvidenceCallback
+        >>> from lightning_nexus_recipes.evidence.callback import EvidenceCallback
         >>> EvidenceCallback(diagnostics=False).probes[0].name
         'arith_transfer'
     """
@@ -54,8 +54,12 @@ class EvidenceCallback(Callback):
         finetune_lr: float = 0.01,
     ) -> None:
         # checked here, not when the diagnostics run: a bad value must not cost a finished training run
-        for name, value, low in (("probe_items", probe_items, 1), ("diagnostic_batches", diagnostic_batches, 1),
-                                 ("hessian_samples", hessian_samples, 2), ("finetune_steps", finetune_steps, 1)):
+        for name, value, low in (
+            ("probe_items", probe_items, 1),
+            ("diagnostic_batches", diagnostic_batches, 1),
+            ("hessian_samples", hessian_samples, 2),
+            ("finetune_steps", finetune_steps, 1),
+        ):
             if value < low:
                 raise ValueError(f"EvidenceCallback.{name} must be >= {low}, got {value}")
         if finetune_lr <= 0:
@@ -104,8 +108,10 @@ class EvidenceCallback(Callback):
         names = list(dm.val_source_names)
         loaders = dm.val_dataloader()
         batches = {
-            name: [{k: v.to(pl_module.device) for k, v in b.items() if k in ("input_ids", "labels")}
-                   for b in islice(loaders[names.index(name)], self.diagnostic_batches)]
+            name: [
+                {k: v.to(pl_module.device) for k, v in b.items() if k in ("input_ids", "labels")}
+                for b in islice(loaders[names.index(name)], self.diagnostic_batches)
+            ]
             for name in dm.train_source_names
         }
         traces = per_source_traces(pl_module.model, batches, n_samples=self.hessian_samples, seed=0)
@@ -125,8 +131,10 @@ class EvidenceCallback(Callback):
         flat.update({f"diag/finetune/{k}": v for k, v in summary["finetune"].items()})
         for logger in trainer.loggers:
             logger.log_metrics(flat, step=trainer.global_step)
-        return {"diagnostics": summary, "details": {"hessian_trace": {k: t.to_dict() for k, t in traces.items()},
-                                                     "finetune": tune.to_dict()}}
+        return {
+            "diagnostics": summary,
+            "details": {"hessian_trace": {k: t.to_dict() for k, t in traces.items()}, "finetune": tune.to_dict()},
+        }
 
 
 __all__ = ["EVIDENCE_FILE", "EvidenceCallback"]

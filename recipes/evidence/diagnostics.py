@@ -26,7 +26,7 @@ unsharded (not FSDP/DTensor); parameters may sit on CPU or CUDA.
 
 Example::
 
-    >>> from recipes.models import GPT, GPTConfig
+    >>> from lightning_nexus_recipes.models import GPT, GPTConfig
     >>> model = GPT(GPTConfig(size="tiny", n_layer=1, n_embd=32, n_head=2, block_size=16))
     >>> g = torch.Generator().manual_seed(0)
     >>> def batch():
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from recipes.evidence.modes import eval_mode
+from lightning_nexus_recipes.evidence.modes import eval_mode
 
 __all__ = [
     "FineTuneDistances",
@@ -335,8 +335,11 @@ def _vhv_samples(
                 continue
             # Σ_i J(g_i)ᵀ v_i = H v (H symmetric); the retained graph serves every sample.
             hv = torch.autograd.grad(
-                [grads[i] for i in live], params, grad_outputs=[v[i] for i in live],
-                retain_graph=True, allow_unused=True,
+                [grads[i] for i in live],
+                params,
+                grad_outputs=[v[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
             )
             out[k] += sum(float(torch.sum(vi * h, dtype=torch.float64)) for vi, h in zip(v, hv) if h is not None)
     return out

@@ -9,7 +9,7 @@ lm-eval is an optional dependency: ``pip install -e '.[eval]'``. The harness CLI
 registered in its own process, so run it through this module, which registers ``lightning_nexus`` and
 then hands all arguments to lm-eval's own CLI (every ``lm_eval`` flag works)::
 
-    python -m recipes.evidence.lm_eval_adapter --model lightning_nexus \\
+    python -m lightning_nexus_recipes.evidence.lm_eval_adapter --model lightning_nexus \\
         --model_args checkpoint=PATH/TO/last.ckpt,tokenizer=byte,device=cpu,batch_size=8 \\
         --tasks gsm8k --limit 100 --output_path runs/lm_eval
 
@@ -27,7 +27,7 @@ In Python (tests, the evidence runner), with a model in memory::
 
     >>> import lm_eval
     >>> from lightning_nexus.data.tokenizer import ByteTokenizer
-    >>> from recipes.models import GPT, GPTConfig
+    >>> from lightning_nexus_recipes.models import GPT, GPTConfig
     >>> lm = NexusLM(model=GPT(GPTConfig(size="tiny")), tokenizer=ByteTokenizer(), device="cpu")
     >>> lm.max_length
     256
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
-from recipes.evidence.modes import eval_mode
+from lightning_nexus_recipes.evidence.modes import eval_mode
 
 try:
     import lm_eval.models  # noqa: F401  (fills the registry's built-in names before ours, see _register)
@@ -60,7 +60,7 @@ try:
     from lm_eval.api.registry import MODEL_REGISTRY, register_model
 except ImportError as err:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError(
-        "recipes.evidence.lm_eval_adapter needs EleutherAI's lm-eval: pip install -e '.[eval]'"
+        "lightning_nexus_recipes.evidence.lm_eval_adapter needs EleutherAI's lm-eval: pip install -e '.[eval]'"
     ) from err
 
 MODEL_NAME = "lightning_nexus"
@@ -72,7 +72,7 @@ class NexusLM(TemplateLM):
 
     Example::
 
-        >>> from recipes.models import GPT, GPTConfig
+        >>> from lightning_nexus_recipes.models import GPT, GPTConfig
         >>> lm = NexusLM(model=GPT(GPTConfig(size="tiny")), tokenizer="byte", device="cpu", batch_size=4)
         >>> logprob, is_greedy = lm.loglikelihood_pairs([("2+2=", "4")])[0]
         >>> logprob < 0
@@ -192,9 +192,11 @@ class NexusLM(TemplateLM):
         """Sum of continuation log-probabilities and whether each continuation token is the argmax."""
         for _, cont in pairs:
             if not 0 < len(cont) <= self.max_length:
-                raise ValueError(f"NexusLM: continuation of {len(cont)} tokens; need 1..{self.max_length} (context length)")
+                raise ValueError(
+                    f"NexusLM: continuation of {len(cont)} tokens; need 1..{self.max_length} (context length)"
+                )
         # Predicting token t needs tokens < t as input: keep the last max_length+1, feed all but the last.
-        rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in pairs]
+        rows = [(ctx + cont)[-(self.max_length + 1) :][:-1] for ctx, cont in pairs]
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         with eval_mode(self.model):
             for idx, ids in self._batches(rows):
@@ -242,7 +244,7 @@ class NexusLM(TemplateLM):
                 if not active:
                     break
                 # The window slides: each step sees the last max_length tokens (no KV cache to outgrow).
-                rows = [seqs[i][-self.max_length:] for i in active]
+                rows = [seqs[i][-self.max_length :] for i in active]
                 finished: set[int] = set()
                 for idx, ids in self._batches(rows):
                     logits = self.model(ids)
@@ -290,7 +292,7 @@ def _unwrap(model: nn.Module | None) -> nn.Module:
 
 
 def _load_checkpoint(path: str | Path) -> nn.Module:
-    from recipes.module import CausalLMModule
+    from lightning_nexus_recipes.module import CausalLMModule
 
     # Compilation and activation checkpointing are training switches; evaluation wants neither.
     module = CausalLMModule.load_from_checkpoint(

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_nexus.data.generators import RandomPCFG
 from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
-from recipes.evidence.modes import eval_mode
+from lightning_nexus_recipes.evidence.modes import eval_mode
 
 # Padded tokens per forward pass; logits also cap the batch so B*T*V stays near 64M floats.
 _MAX_TOKENS = 4096
@@ -109,7 +109,7 @@ class ArithmeticTransferProbe:
     Example::
 
         >>> from lightning_nexus.data.tokenizer import ByteTokenizer
-        >>> from recipes.models import GPT, GPTConfig
+        >>> from lightning_nexus_recipes.models import GPT, GPTConfig
         >>> probe = ArithmeticTransferProbe(n_items=8)
         >>> 0.0 <= probe(GPT(GPTConfig(size="tiny")), ByteTokenizer()) <= 1.0
         True
@@ -195,7 +195,7 @@ class GrammarDepthProbe:
     Example::
 
         >>> from lightning_nexus.data.tokenizer import ByteTokenizer
-        >>> from recipes.models import GPT, GPTConfig
+        >>> from lightning_nexus_recipes.models import GPT, GPTConfig
         >>> probe = GrammarDepthProbe(n_train=20, n_test=10)
         >>> 0.0 <= probe(GPT(GPTConfig(size="tiny")), ByteTokenizer()) <= 1.0
         True
@@ -298,8 +298,13 @@ class GrammarDepthProbe:
         weight = torch.zeros(x.shape[1], self.n_classes, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(self.n_classes, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS(
-            [weight, bias], lr=1.0, max_iter=self.iters, history_size=20, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-9, tolerance_change=1e-12,
+            [weight, bias],
+            lr=1.0,
+            max_iter=self.iters,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-9,
+            tolerance_change=1e-12,
         )
 
         def closure() -> Tensor:

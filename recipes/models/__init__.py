@@ -1,11 +1,11 @@
-"""Model families for the recipes. ``python -m recipes.models --table`` prints the size table."""
+"""Model families for the recipes. ``python -m lightning_nexus_recipes.models --table`` prints the size table."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from recipes.models.gpt import GPT, GPT_PRESETS, GPTConfig
-from recipes.models.llama import LLAMA_PRESETS, Llama, LlamaConfig
+from lightning_nexus_recipes.models.gpt import GPT, GPT_PRESETS, GPTConfig
+from lightning_nexus_recipes.models.llama import LLAMA_PRESETS, Llama, LlamaConfig
 
 ModelConfig = GPTConfig | LlamaConfig
 

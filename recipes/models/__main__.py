@@ -1,10 +1,10 @@
-"""``python -m recipes.models --table``: the preset table in Markdown, for the README."""
+"""``python -m lightning_nexus_recipes.models --table``: the preset table in Markdown, for the README."""
 
 import argparse
 
-from recipes.models import size_table
+from lightning_nexus_recipes.models import size_table
 
-parser = argparse.ArgumentParser(prog="python -m recipes.models", description=__doc__)
+parser = argparse.ArgumentParser(prog="python -m lightning_nexus_recipes.models", description=__doc__)
 parser.add_argument("--table", action="store_true", help="print the Markdown table of model presets")
 args = parser.parse_args()
 if not args.table:

@@ -56,7 +56,9 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         if self.size not in GPT_PRESETS:
-            raise ValueError(f"GPTConfig.size={self.size!r} is not a known GPT size; choose one of {sorted(GPT_PRESETS)}")
+            raise ValueError(
+                f"GPTConfig.size={self.size!r} is not a known GPT size; choose one of {sorted(GPT_PRESETS)}"
+            )
         for key, value in GPT_PRESETS[self.size].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -180,7 +182,9 @@ class GPT(nn.Module):
         """Final normalized hidden states ``[B, T, n_embd]``: what the output head reads (probes use them)."""
         T = idx.shape[1]
         if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds the model context length block_size={self.config.block_size}")
+            raise ValueError(
+                f"sequence length {T} exceeds the model context length block_size={self.config.block_size}"
+            )
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:

@@ -2,7 +2,7 @@
 
 One file, no framework. Fields of :class:`LlamaConfig` left as ``None`` are filled from the preset named
 by ``size``. The 130m ... 3b presets span the paper's 130M–3B range (shapes of Llama/SmolLM models of
-those sizes, with a 32k vocabulary); ``python -m recipes.models --table`` prints their exact counts.
+those sizes, with a 32k vocabulary); ``python -m lightning_nexus_recipes.models --table`` prints their exact counts.
 """
 
 from __future__ import annotations
@@ -18,10 +18,18 @@ from torch.utils.checkpoint import checkpoint
 
 LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=352, block_size=256, vocab_size=256),
-    "130m": dict(n_layer=12, n_head=12, n_kv_head=12, n_embd=768, intermediate_size=2048, block_size=2048, vocab_size=32000),
-    "370m": dict(n_layer=24, n_head=16, n_kv_head=16, n_embd=1024, intermediate_size=2816, block_size=2048, vocab_size=32000),
-    "1b": dict(n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192, block_size=2048, vocab_size=32000),
-    "3b": dict(n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, intermediate_size=8192, block_size=2048, vocab_size=32000),
+    "130m": dict(
+        n_layer=12, n_head=12, n_kv_head=12, n_embd=768, intermediate_size=2048, block_size=2048, vocab_size=32000
+    ),
+    "370m": dict(
+        n_layer=24, n_head=16, n_kv_head=16, n_embd=1024, intermediate_size=2816, block_size=2048, vocab_size=32000
+    ),
+    "1b": dict(
+        n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192, block_size=2048, vocab_size=32000
+    ),
+    "3b": dict(
+        n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, intermediate_size=8192, block_size=2048, vocab_size=32000
+    ),
 }
 
 
@@ -61,7 +69,9 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.size not in LLAMA_PRESETS:
-            raise ValueError(f"LlamaConfig.size={self.size!r} is not a known Llama size; choose one of {sorted(LLAMA_PRESETS)}")
+            raise ValueError(
+                f"LlamaConfig.size={self.size!r} is not a known Llama size; choose one of {sorted(LLAMA_PRESETS)}"
+            )
         for key, value in LLAMA_PRESETS[self.size].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -212,7 +222,9 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
         if self.rope_cos.device.type != "meta":
-            cos, sin = rope_cache(self.config.block_size, self.config.head_dim, self.config.rope_base, self.rope_cos.device)
+            cos, sin = rope_cache(
+                self.config.block_size, self.config.head_dim, self.config.rope_base, self.rope_cos.device
+            )
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
@@ -223,7 +235,9 @@ class Llama(nn.Module):
         """Final normalized hidden states ``[B, T, n_embd]``: what the output head reads (probes use them)."""
         T = idx.shape[1]
         if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds the model context length block_size={self.config.block_size}")
+            raise ValueError(
+                f"sequence length {T} exceeds the model context length block_size={self.config.block_size}"
+            )
         x = self.embed(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for block in self.blocks:
