@@ -13,15 +13,25 @@ datamodule in ``setup`` and checks ``data.block_size`` against its context lengt
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 import lightning_nexus.strategies  # noqa: F401  (registers the "nexus_ddp" strategy names)
+from lightning_nexus.tools.progress import use_step_progress_bar
+from lightning_nexus.tools.recipes import resolve_config_args
 
 
 class NexusCLI(LightningCLI):
@@ -41,17 +51,32 @@ class NexusCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _NexusArgumentParser)
         model_class = kwargs.pop("model_class", LightningModule)
         # None (not LightningDataModule): LightningCLI then makes `data` optional, so modules that bring
         # their own dataloaders run too
         datamodule_class = kwargs.pop("datamodule_class", None)
         super().__init__(model_class, datamodule_class, *args, **kwargs)
 
+    @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_accelerator(config.trainer)
+        if self.subcommand == "fit":
+            continue_log_version(config)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_step_progress_bar(trainer)
+        return trainer
+
+    def before_fit(self) -> None:
+        self._validated = _ValidationRecorder()
+        self.trainer.callbacks.append(self._validated)
 
     def after_fit(self) -> None:
+        validate_last_step(self.trainer, self.model, self.datamodule, self._validated)
         print_loss_table(self.trainer)
 
     def after_validate(self) -> None:
@@ -59,6 +84,41 @@ class NexusCLI(LightningCLI):
 
     def after_test(self) -> None:
         print_loss_table(self.trainer, prefix="test")
+
+
+class _NexusArgumentParser(LightningArgumentParser):
+    """Turns jsonargparse's multi-line report of a mistyped ``model:``/``data:`` key into one line."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        line = unknown_key_message(message)
+        if line is None or not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"error: {line}\n")
+        self.exit(2)
+
+
+def unknown_key_message(message: str) -> str | None:
+    """``'<key>' is not an option of <class>; did you mean '<nearest>'?`` for jsonargparse's report of an
+    unknown init argument, or None if the message is about something else."""
+    found = re.search(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
+    if found is None:
+        return None
+    class_path, key = found.groups()
+    section = re.match(r'Parser key "([\w.]+)"', message)
+    where = section.group(1) if section else "init_args"
+    try:
+        valid = [n for n in inspect.signature(_import_dotted(class_path)).parameters if n not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        valid = []
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(valid)}" if valid else ""
+    return f"{where}: '{key}' is not an option of {class_path}{hint}"
+
+
+def _import_dotted(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _check_accelerator(trainer_cfg: Any) -> None:
@@ -72,6 +132,60 @@ def _check_accelerator(trainer_cfg: Any) -> None:
             "This recipe targets GPUs; on CPU run recipes/quickstart.yaml, or override "
             "--trainer.accelerator cpu --trainer.strategy auto --trainer.precision 32-true"
         )
+
+
+class _ValidationRecorder(Callback):
+    """Remembers the step of the last real (non-sanity) validation during fit."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def validate_last_step(
+    trainer: Trainer, model: LightningModule, datamodule: LightningDataModule | None, validated: _ValidationRecorder
+) -> None:
+    """One more validation when the run's last step was not validated, so every fit ends with the table.
+
+    Skipped for runs that stopped early on an error, interrupted runs and runs without validation data.
+    """
+    if trainer.interrupted or validated.step == trainer.global_step or trainer.global_step == 0:
+        return
+    if trainer.limit_val_batches == 0 or not _has_validation(model, datamodule):
+        return
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+
+
+def _has_validation(model: LightningModule, datamodule: LightningDataModule | None) -> bool:
+    source = datamodule if datamodule is not None else model
+    return is_overridden("val_dataloader", source) and (datamodule is not None or is_overridden("validation_step", model))
+
+
+def continue_log_version(config: Any) -> None:
+    """Resuming with ``--ckpt_path`` logs into the TensorBoard version the checkpoint came from.
+
+    Only when the checkpoint lies in ``<save_dir>/<name>/version_N/...`` of the configured logger and the
+    config does not name a version; otherwise Lightning's own choice (a new ``version_N``) stands.
+    """
+    ckpt = config.get("ckpt_path")
+    logger = config.trainer.get("logger")
+    if not ckpt or ckpt in ("last", "best", "hpc", "registry") or not hasattr(logger, "get"):
+        return
+    if logger.get("class_path") not in ("lightning.pytorch.loggers.TensorBoardLogger", "TensorBoardLogger"):
+        return
+    args = logger.get("init_args")
+    if args is None or args.get("version") is not None:
+        return
+    run_root = (Path(args.get("save_dir", ".")) / (args.get("name") or "lightning_logs")).resolve()
+    path = Path(ckpt).resolve()
+    for parent in path.parents:
+        if parent.parent == run_root and re.fullmatch(r"version_\d+", parent.name):
+            args["version"] = parent.name
+            return
 
 
 def print_loss_table(trainer: Trainer, prefix: str = "val") -> None:
@@ -97,24 +211,74 @@ def print_loss_table(trainer: Trainer, prefix: str = "val") -> None:
         print("\n".join(lines), flush=True)
 
 
+TRAINER_COMMANDS = {
+    "fit": "train a model (e.g. `lightning-nexus fit --config quickstart`)",
+    "validate": "evaluate a checkpoint on the validation sources",
+    "test": "evaluate a checkpoint on the test data",
+    "predict": "run predictions with a checkpoint",
+}
+TOOL_COMMANDS = {
+    "compare": ("lightning_nexus.tools.compare", "put finished runs side by side (curves, matched-loss table)"),
+    "experiment": ("lightning_nexus.tools.experiment", "train every arm x seed of an experiment file, then report"),
+    "recipes": ("lightning_nexus.tools.recipes", "list the packaged recipes and their target hardware"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, [*TRAINER_COMMANDS, *TOOL_COMMANDS]))
+    lines = ["usage: lightning-nexus COMMAND [options]   (lightning-nexus COMMAND --help for a command's options)", ""]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in TOOL_COMMANDS.items()]
+    lines += ["", "--config takes a file or a packaged recipe name (see `lightning-nexus recipes`)."]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-nexus`` console script (``fit``/``validate``/``test``/..., ``compare`` or ``experiment``)."""
+    """Entry point of the ``lightning-nexus`` console script: the Trainer commands through LightningCLI,
+    the tools (``compare``, ``experiment``, ``recipes``) routed before LightningCLI parses anything."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["compare"]:  # reads finished runs: no Trainer, so routed before LightningCLI parses
-        from lightning_nexus.tools.compare import main as compare_main
-
-        compare_main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        if not argv:
+            raise SystemExit(2)
         return
-    if argv[:1] == ["experiment"]:  # runs many fits as child processes: not a LightningCLI subcommand
-        from lightning_nexus.tools.experiment import main as experiment_main
-
-        experiment_main(argv[1:])
+    command = argv[0]
+    known = [*TRAINER_COMMANDS, *TOOL_COMMANDS]
+    if command not in known:
+        close = difflib.get_close_matches(command, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SystemExit(f"error: unknown command {command!r}{hint} Choose from: {', '.join(known)}.")
+    argv = resolve_config_args(argv)
+    if command in TOOL_COMMANDS:
+        importlib.import_module(TOOL_COMMANDS[command][0]).main(argv[1:])
         return
-    NexusCLI(args=args)
+    sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv (passing args too makes it warn)
+    try:
+        NexusCLI()
+    except Exception as err:
+        # a bad data source arrives wrapped in a long parser traceback: print its one-line message instead
+        cause = _source_error(err)
+        if cause is None:
+            raise
+        raise SystemExit(f"error: {cause}") from None
     # Lightning leaves the process group alive after fit; without this, gloo/DCP threads can abort the
     # process at interpreter exit ("terminate called without an active exception") after a good run.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+
+def _source_error(err: BaseException | None) -> BaseException | None:
+    """The ``SourceError`` behind ``err`` (through ``__cause__``/``__context__``), if any."""
+    from lightning_nexus.data.errors import SourceError
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, SourceError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":
