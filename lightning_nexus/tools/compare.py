@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_nexus.tools.plotting import pyplot, save
+
 SMOOTH = 5
 """Logged train-loss points in the trailing mean used for "best" and matched-loss comparisons."""
 
@@ -233,19 +235,10 @@ def _tail_mean(points: list[tuple[int, float]], n: int) -> float | None:
 
 
 # ---------------------------------------------------------------------- plots
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - matplotlib is a dependency
-        raise SystemExit("lightning-nexus needs matplotlib for its plots: pip install matplotlib") from err
-    matplotlib.use("Agg")  # files only: no display on training machines
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_loss_curves(runs: list[Run], path: Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
     tags = ["train/loss"] + [f"train/loss/{s}" for s in sorted({s for r in runs for s in r.train_sources})]
     cols = min(3, len(tags))
     rows = math.ceil(len(tags) / cols)
@@ -263,11 +256,11 @@ def plot_loss_curves(runs: list[Run], path: Path) -> bool:
     for ax in list(axes.flat)[len(tags) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    return _save(fig, plt, path)
+    return save(fig, path, dpi=80)
 
 
 def plot_ood_vs_train(runs: list[Run], path: Path, level: float | None) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     drew = False
     for ax, tag in zip(axes, ("val/loss/ood", "val/loss")):
@@ -288,11 +281,11 @@ def plot_ood_vs_train(runs: list[Run], path: Path, level: float | None) -> bool:
     if not drew:
         plt.close(fig)
         return False
-    return _save(fig, plt, path)
+    return save(fig, path, dpi=80)
 
 
 def plot_grad_cosine(runs: list[Run], path: Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
     with_cos = [(i, r) for i, r in enumerate(runs) if r.series("nexus/grad_cosine/mean")]
     if not with_cos:
         return False
@@ -316,14 +309,7 @@ def plot_grad_cosine(runs: list[Run], path: Path) -> bool:
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=5, ncol=2)
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: Path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return True
+    return save(fig, path, dpi=80)
 
 
 # ---------------------------------------------------------------------- entry point
