@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
+from lightning_nexus._compat import attached_trainer
 from lightning_nexus_recipes.fsdp import shard_model
-from lightning_nexus_recipes.models import GPTConfig, LlamaConfig, build_model
+from lightning_nexus_recipes.models import GPTConfig, ModelConfig, build_model
 
 try:
     from torch.distributed.tensor import DTensor
@@ -128,7 +130,8 @@ class CausalLMModule(LightningModule):
         4
 
     Args:
-        model: architecture (``GPTConfig`` or ``LlamaConfig``; ``size`` picks a preset).
+        model: architecture (``GPTConfig`` or ``LlamaConfig``; ``size`` picks a preset), or a zoo model:
+            ``LitGPTConfig`` (litgpt) or ``HFCausalLMConfig`` (transformers).
         vocab_size: overrides ``model.vocab_size``; ``None`` takes the datamodule's ``vocab_size``
             when there is one, else the preset's.
         optimizer: ``adamw`` (all parameters) or ``muon`` (Muon for 2-D hidden weights, AdamW for
@@ -147,7 +150,7 @@ class CausalLMModule(LightningModule):
 
     def __init__(
         self,
-        model: GPTConfig | LlamaConfig | None = None,
+        model: ModelConfig | None = None,
         vocab_size: int | None = None,
         optimizer: Literal["adamw", "muon"] = "adamw",
         lr: float = 3e-4,
@@ -174,8 +177,14 @@ class CausalLMModule(LightningModule):
         self.compile, self.activation_checkpointing = compile, activation_checkpointing
         self.save_hyperparameters()
         self.model: nn.Module | None = None
-        self._reset_train_window(-1)
-        self._val_sums: dict[int, Tensor] = {}
+        # Per source, [loss sum, token count] of the current window, on the device and rank-local (as train/loss).
+        # Not a torchmetrics MeanMetric: its update reads a NaN flag on the host (a GPU stall every micro-batch),
+        # and nan_strategy="disable", which skips that, drops the weights (torchmetrics 1.9).
+        self._train_sums: Tensor | None = None
+        self._win_step = -1
+        # Token-weighted means per validation/test dataloader, exact across ranks holding unequal token counts.
+        # Created once the number of loaders is known, on the device, and kept out of the module tree.
+        self._eval_loss: list[MeanMetric] = []  # per validation/test dataloader, synced over ranks
         self._tokens_since = 0
         self._t_since: float | None = None
         self._perf: dict[str, float] = {}
@@ -183,7 +192,8 @@ class CausalLMModule(LightningModule):
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is None:
             return
         if self.hparams.vocab_size is None and getattr(dm, "vocab_size", None) is not None:
@@ -220,7 +230,8 @@ class CausalLMModule(LightningModule):
         self.model = model
 
     def _strategy(self) -> Any:
-        return self.trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        return trainer.strategy if trainer is not None else None
 
     def _build(self) -> nn.Module:
         model = build_model(self.config)
@@ -247,14 +258,10 @@ class CausalLMModule(LightningModule):
 
     # --------------------------------------------------------------- training
     def _source_names(self, attr: str) -> list[str] | None:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, attr, None)
+        names = getattr(getattr(self.trainer, "datamodule", None), attr, None)
+        if names is None and attr == "source_names":  # e.g. lightning_nexus.data.per_source_dataloader
+            names = getattr(self.trainer.train_dataloader, "source_names", None)
         return list(names) if names is not None else None
-
-    def _reset_train_window(self, step: int) -> None:
-        self._win_step = step
-        self._win_sums: dict[int, Tensor] = {}
-        self._win_counts: dict[int, Tensor] = {}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self._count_tokens(batch)
@@ -262,25 +269,30 @@ class CausalLMModule(LightningModule):
         loss = sample_loss.sum() / sample_tokens.sum().clamp(min=1)
 
         # Lightning only forwards on_step values of a window's last micro-batch to the logger, so keep
-        # window sums per source and re-log every running mean: at the boundary each source seen in
-        # the window (one per micro-batch with per-source mixing) carries its window mean.
-        if self.trainer.global_step != self._win_step:
-            self._reset_train_window(self.trainer.global_step)
+        # window means per source and log them at the boundary: each source seen in the window (one per
+        # micro-batch with per-source mixing) carries its window mean.
         source_id = batch.get("source_id")
-        if source_id is None:
-            source_id = torch.zeros_like(sample_loss, dtype=torch.long)
-        for sid in torch.unique(source_id).tolist():
-            mask = source_id == sid
-            self._win_sums[sid] = self._win_sums.get(sid, 0) + sample_loss.detach()[mask].sum()
-            self._win_counts[sid] = self._win_counts.get(sid, 0) + sample_tokens[mask].sum()
         names = self._source_names("source_names")
-        total_sum = sum(self._win_sums.values())
-        total_count = sum(self._win_counts.values())
-        self.log("train/loss", total_sum / total_count.clamp(min=1), prog_bar=True)
-        if batch.get("source_id") is not None:
-            for sid in self._win_sums:
-                name = names[sid] if names is not None and sid < len(names) else f"source{sid}"
-                self.log(f"train/loss/{name}", self._win_sums[sid] / self._win_counts[sid].clamp(min=1))
+        if source_id is None or not names:
+            names = ["all"] if source_id is None else [f"source{i}" for i in range(int(source_id.max()) + 1)]
+            source_id = torch.zeros_like(sample_tokens) if source_id is None else source_id
+        if self.trainer.global_step != self._win_step or self._train_sums is None:
+            self._win_step = self.trainer.global_step
+            self._train_sums = torch.zeros(2, len(names), device=sample_loss.device)
+        elif self._train_sums.shape[1] < len(names):  # unnamed sources: a higher id than seen so far
+            self._train_sums = F.pad(self._train_sums, (0, len(names) - self._train_sums.shape[1]))
+        # Which sources a micro-batch holds stays on the device: reading it on the host per micro-batch
+        # (torch.unique(...).tolist()) would stall the GPU every micro-batch.
+        self._train_sums[0].index_add_(0, source_id, sample_loss.detach().float())
+        self._train_sums[1].index_add_(0, source_id, sample_tokens.float())
+        totals = self._train_sums.sum(1)
+        self.log("train/loss", totals[0] / totals[1].clamp(min=1), prog_bar=True)
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        window_ends = progress % self.trainer.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+        if batch.get("source_id") is not None and window_ends:  # one host read per window
+            means = self._train_sums[0] / self._train_sums[1].clamp(min=1)
+            for sid in (self._train_sums[1] > 0).nonzero().flatten().tolist():
+                self.log(f"train/loss/{names[sid]}", means[sid])
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if optimizer is not None:
             self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
@@ -315,18 +327,24 @@ class CausalLMModule(LightningModule):
 
     # ------------------------------------------------------------- evaluation
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = {}
+        self._start_eval(self.trainer.val_dataloaders)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         sample_loss, sample_tokens = self._token_losses(batch)
-        sums = torch.stack([sample_loss.sum(), sample_tokens.sum().to(sample_loss.dtype)]).detach()
-        self._val_sums[dataloader_idx] = self._val_sums.get(dataloader_idx, 0) + sums
+        tokens = sample_tokens.sum()
+        self._eval_loss[dataloader_idx].update(sample_loss.sum().detach() / tokens.clamp(min=1), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self._val_sums = {}
+        self._start_eval(self.trainer.test_dataloaders)
+
+    def _start_eval(self, loaders: Any) -> None:
+        # every rank creates one metric per loader, so every rank takes part in each metric's sync
+        count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        # nan_strategy=nan keeps a NaN loss a NaN (the default would drop it with a warning)
+        self._eval_loss = [MeanMetric(nan_strategy=float("nan")).to(self.device) for _ in range(count)]
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
@@ -335,16 +353,16 @@ class CausalLMModule(LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, prefix: str) -> None:
-        """Token-weighted loss per dataloader, summed over ranks before dividing (exact under DDP/FSDP)."""
-        if not self._val_sums:
+        """Token-weighted loss per dataloader over all ranks' tokens (exact under DDP/FSDP, unequal shards too)."""
+        if not self._eval_loss:
             return
-        names = self._source_names("val_source_names") or [f"{i}" for i in range(max(self._val_sums) + 1)]
+        names = self._source_names("val_source_names") or [f"{i}" for i in range(len(self._eval_loss))]
         ood = set(self._source_names("ood_source_names") or [])
         per_source: dict[str, Tensor] = {}
-        for idx in sorted(self._val_sums):
-            total = self.trainer.strategy.reduce(self._val_sums[idx].clone(), reduce_op="sum")
-            per_source[names[idx]] = total[0] / total[1].clamp(min=1)
-            self.log(f"{prefix}/loss/{names[idx]}", per_source[names[idx]])
+        for idx, metric in enumerate(self._eval_loss):
+            per_source[names[idx]] = metric.compute()
+            metric.reset()
+            self.log(f"{prefix}/loss/{names[idx]}", per_source[names[idx]], sync_dist=False)
         in_dist = [v for k, v in per_source.items() if k not in ood]
         held_out = [v for k, v in per_source.items() if k in ood]
         if in_dist:
