@@ -53,3 +53,21 @@ def test_package_names_load_lazily():
         assert getattr(lightning_nexus, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         lightning_nexus.Nope  # noqa: B018
+
+
+def test_nothing_in_the_repository_refers_to_files_outside_it():
+    skip = {".git", ".venv", "build", "runs", "lightning_logs", ".pytest_cache", "__pycache__"}
+    offenders = []
+    for path in ROOT.rglob("*"):
+        if (
+            skip & set(path.relative_to(ROOT).parts)
+            or not path.is_file()
+            or path.suffix not in {".py", ".md", ".yaml", ".toml", ".sh"}
+        ):
+            continue
+        if path == Path(__file__) or path.name == "test_docs.py":
+            continue
+        text = path.read_text(errors="replace")
+        if "DESIGN.md" in text or "../shared" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, f"these refer to a design note outside the repository (use docs/design.md): {offenders}"

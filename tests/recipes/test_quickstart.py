@@ -1,5 +1,5 @@
 """The README's main command, end to end on CPU (shortened): trains, prints the loss table and writes
-the TensorBoard tags users learn (DESIGN.md 1.4)."""
+the TensorBoard tags users learn (docs/monitoring.md)."""
 
 import subprocess
 import sys

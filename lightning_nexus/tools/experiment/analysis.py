@@ -8,7 +8,7 @@
    metric-vs-loss curves, interpolated (linearly in in-distribution loss) at each arm's final loss.
    A run whose loss lies outside the reference's budget range more than the tolerance is flagged.
 3. **matched loss, along the trajectory**: all arms interpolated at the highest in-distribution loss
-   every arm of the seed reached at an evaluation. Confounded by the LR schedule (DESIGN §8), shown
+   every arm of the seed reached at an evaluation. Confounded by the LR schedule, shown
    because it needs no extra runs.
 
 Differences are arm − reference per seed (same initial weights and data order), summarised as
@@ -126,7 +126,34 @@ def run_metrics(result: dict[str, Any]) -> dict[str, float]:
     if cosine:
         tail = [v for _, v in cosine[-max(1, len(cosine) // 5) :]]  # last fifth: one logged value is noisy
         out["grad_cosine/end"] = mean(tail)
+    reached = steps_to_optimum(result)
+    if reached is not None:
+        out["steps_to_optimum"] = float(reached)
     return out
+
+
+OPTIMUM_TOLERANCE = 0.01
+"""Nats above a known optimal loss within which a source counts as at the optimum (``steps_to_optimum``)."""
+
+
+def steps_to_optimum(result: dict[str, Any]) -> int | None:
+    """Optimizer steps until the first evaluation at which every train source's validation loss is within
+    ``OPTIMUM_TOLERANCE`` of its exact optimum; ``None`` without a known optimum (``EvidenceCallback`` writes
+    it for data modules that have one) or when no evaluation got there."""
+    details = result.get("evidence", {}).get("details", {})
+    optimal = details.get("optimal_val_loss")
+    sources = [s for s in result.get("evidence", {}).get("diagnostics", {}).get("optimality_gap", {}) if s != "max"]
+    if not optimal or not sources:
+        return None
+    offset = result["max_steps"] - result["final"]["step"]  # loggers record validations one step before the count
+    for e in result["evals"]:
+        losses = [e.get(f"{LOSS}/{s}") for s in sources]
+        if (
+            all(v is not None for v in losses)
+            and max(v - optimal[s] for v, s in zip(losses, sources)) <= OPTIMUM_TOLERANCE
+        ):
+            return e["step"] + offset
+    return None
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, float]:

@@ -3,7 +3,7 @@
 An arm is the base config plus dotted-key overrides (``set``) and extra callbacks (``callbacks``). Its
 ``budgets`` are step multipliers: each budget is a separate run that completes its *own* LR schedule
 (``trainer.max_steps`` scaled), which is how loss-matched comparisons avoid the schedule confound
-(DESIGN §8: a faster arm reaches a loss level earlier in its decay, so points along one schedule are
+(a faster arm reaches a loss level earlier in its decay, so points along one schedule are
 not comparable). Every run of seed ``s`` sets ``seed_everything: s`` and ``data.init_args.seed: s``, so
 all arms of a seed start from the same weights and see the same data order.
 """
