@@ -1,10 +1,11 @@
 """Independent slow references and small Lightning fixtures shared by the tests.
 
-The reference below re-implements DESIGN.md 1.1 with a plain loop over the module's own
+The reference below re-implements the rule of docs/update_rule.md with a plain loop over the module's own
 ``training_step`` and optimizer; it shares no code with ``lightning_nexus``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -19,30 +20,55 @@ def loss_of(output):
     return output["loss"] if isinstance(output, dict) else output
 
 
-def reference_nexus_training(module, batches, K, inner_lr, normalize, clip_norm=None, skip_windows=()):
-    """Train ``module`` in place with the Nexus rule, one epoch over ``batches``; return its parameters."""
+def _optimizer_and_params(module):
     opt = module.configure_optimizers()
     opt = opt[0][0] if isinstance(opt, tuple) else opt
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for w, start in enumerate(range(0, len(batches), K)):
-        window = list(enumerate(batches))[start : start + K]
+    return opt, [p for group in opt.param_groups for p in group["params"]]
+
+
+def _inner_directions(module, params, theta0, window, inner_lr, normalize):
+    """From θ0, one inner step per (batch_idx, batch) of ``window``; the directions d_k taken."""
+    with torch.no_grad():
+        for p, t in zip(params, theta0):
+            p.copy_(t)
+    directions = []
+    for batch_idx, batch in window:
+        module.zero_grad(set_to_none=True)
+        loss_of(module.training_step(batch, batch_idx)).backward()
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        if normalize:
+            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+            grads = [g / norm for g in grads]
+        directions.append(grads)
+        with torch.no_grad():
+            for p, d in zip(params, grads):
+                p.sub_(inner_lr * d)
+    return directions
+
+
+def reference_nexus_training(module, batches, K, inner_lr, normalize, clip_norm=None, skip_windows=()):
+    """Train ``module`` in place with the Nexus rule, one epoch over ``batches``; return its parameters."""
+    return reference_window_mode_training(module, batches, 1, K, inner_lr, normalize, clip_norm, skip_windows)
+
+
+def reference_window_mode_training(
+    module, batches, world, K, inner_lr, normalize=True, clip_norm=None, skip_windows=()
+):
+    """The rule with ``world`` ranks in window mode (DiLoCo-like): rank r takes ``batches[r::world]``, every
+    rank runs its own inner trajectory from the shared θ0, and the outer step gets the mean over ranks of
+    each rank's mean direction. ``world=1`` is the single-process rule. Returns the parameters."""
+    opt, params = _optimizer_and_params(module)
+    per_rank = [list(enumerate(batches))[r::world] for r in range(world)]
+    for w, start in enumerate(range(0, len(per_rank[0]), K)):
         theta0 = [p.detach().clone() for p in params]
-        directions = []
-        for batch_idx, batch in window:
-            module.zero_grad(set_to_none=True)
-            loss_of(module.training_step(batch, batch_idx)).backward()
-            grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-            if normalize:
-                norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-                grads = [g / norm for g in grads]
-            directions.append(grads)
-            with torch.no_grad():
-                for p, d in zip(params, grads):
-                    p.sub_(inner_lr * d)
+        rank_g = []
+        for r in range(world):
+            directions = _inner_directions(module, params, theta0, per_rank[r][start : start + K], inner_lr, normalize)
+            rank_g.append([sum(d[i] for d in directions) / len(directions) for i in range(len(params))])
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(theta0[i])
-                p.grad = sum(d[i] for d in directions) / len(directions)
+                p.grad = sum(g[i] for g in rank_g) / world
         if w in skip_windows:
             continue
         if clip_norm is not None:
@@ -154,3 +180,27 @@ def assert_params_close(got, want, rtol=1e-5, atol=1e-7):
 
 def clone_module(module):
     return copy.deepcopy(module)
+
+
+_HOST_SYNC_METHODS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_syncs(monkeypatch):
+    """Counts calls of the Tensor methods that copy a value to the host (a device→host sync on a GPU)
+    while the context is open; yields a list whose length is the count (the method names, in order)."""
+    calls: list[str] = []
+    for name in _HOST_SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if recording:
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    recording = True
+    try:
+        yield calls
+    finally:
+        recording = False

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import assert_params_close, boring_batches, make_boring, params_of, reference_nexus_training
+from tests.helpers import (
+    assert_params_close,
+    boring_batches,
+    make_boring,
+    reference_nexus_training,
+    reference_window_mode_training,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -45,44 +51,12 @@ def test_sync_every_equals_single_process_on_the_global_micro_batch(tmp_path):
     assert_params_close(rank0, want)
 
 
-def reference_window_mode(batches, world, K, inner_lr):
-    """Every rank runs its own inner trajectory from the shared θ0; the outer step uses the mean G."""
-    module = make_boring()
-    opt = module.configure_optimizers()[0][0]
-    params = list(module.parameters())
-    per_rank = [batches[r::world] for r in range(world)]
-    for start in range(0, len(per_rank[0]), K):
-        theta0 = [p.detach().clone() for p in params]
-        rank_g = []
-        for r in range(world):
-            with torch.no_grad():
-                for p, t in zip(params, theta0):
-                    p.copy_(t)
-            ds = []
-            for i, batch in enumerate(per_rank[r][start : start + K]):
-                module.zero_grad(set_to_none=True)
-                module.training_step(batch, start + i)["loss"].backward()
-                g = [p.grad.detach().clone() for p in params]
-                norm = torch.sqrt(sum((x.double() ** 2).sum() for x in g)).float()
-                ds.append([x / norm for x in g])
-                with torch.no_grad():
-                    for p, d in zip(params, ds[-1]):
-                        p.sub_(inner_lr * d)
-            rank_g.append([sum(d[j] for d in ds) / len(ds) for j in range(len(params))])
-        with torch.no_grad():
-            for j, p in enumerate(params):
-                p.copy_(theta0[j])
-                p.grad = sum(g[j] for g in rank_g) / world
-        opt.step()
-    return params_of(module)
-
-
 def test_sync_window_ranks_agree_and_match_reference(tmp_path):
     proc = run_ddp(tmp_path, sync="window")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = load_ranks(tmp_path)
     assert_params_close(rank0, rank1, rtol=0, atol=0)
-    want = reference_window_mode(boring_batches(n=12), world=2, K=3, inner_lr=0.1)
+    want = reference_window_mode_training(make_boring(), boring_batches(n=12), world=2, K=3, inner_lr=0.1)
     assert_params_close(rank0, want)
     # and it is genuinely a different rule from sync="every"
     every = reference_nexus_training(
