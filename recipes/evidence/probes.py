@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_nexus.data.generators import RandomPCFG
 from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
@@ -290,36 +291,41 @@ class GrammarDepthProbe:
 
         mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
         weight, bias = self._fit((x_train - mean) / std, y_train)
-        pred = (((x_test - mean) / std) @ weight + bias).argmax(1)
-        return float((pred == y_test).double().mean())
+        logits = ((x_test - mean) / std) @ weight + bias
+        return float(multiclass_accuracy(logits, y_test, num_classes=self.n_classes, average="micro"))
 
     def _fit(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Multinomial logistic regression with L2 on the weights, from zeros for a fixed number of steps."""
-        weight = torch.zeros(x.shape[1], self.n_classes, dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(self.n_classes, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS(
-            [weight, bias],
-            lr=1.0,
-            max_iter=self.iters,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-9,
-            tolerance_change=1e-12,
-        )
+        return fit_logistic(x, y, self.n_classes, self.l2, self.iters)
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(x @ weight + bias, y) + self.l2 * weight.square().sum()
-            loss.backward()
-            return loss
 
-        # One thread: at this size the thread pool costs more than it saves (tens of times more on a
-        # busy machine), and the fitted probe no longer depends on the machine's thread count.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.enable_grad():
-                opt.step(closure)
-        finally:
-            torch.set_num_threads(threads)
-        return weight.detach(), bias.detach()
+def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, iters: int) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression with L2 on the weights, from zeros for ``iters`` full-batch L-BFGS
+    iterations (deterministic); returns ``(weight [d, n_classes], bias [n_classes])``."""
+    weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=iters,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    # One thread: at this size the thread pool costs more than it saves (tens of times more on a
+    # busy machine), and the fitted probe no longer depends on the machine's thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return weight.detach(), bias.detach()
