@@ -1,4 +1,4 @@
-"""``CausalLMModule``: next-token pretraining of the recipe models, with the dashboard of DESIGN.md 1.4.
+"""``CausalLMModule``: next-token pretraining of the recipe models, with the dashboard of docs/monitoring.md.
 
 Logged tags: ``train/loss``, ``train/loss/<source>``, ``train/lr``, ``val/loss/<source>`` (one per val
 dataloader), ``val/loss`` (mean over in-distribution sources), ``val/loss/ood`` (mean over held-out
@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -69,7 +70,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
             momentum=momentum,
             adjust_lr_fn="match_rms_adamw",
         )
-        adamw_groups = [{"params": decay, "kind": "adamw"}, {"params": no_decay, "kind": "adamw", "weight_decay": 0.0}]
+        adamw_groups: list[dict[str, Any]] = [
+            {"params": decay, "kind": "adamw"},
+            {"params": no_decay, "kind": "adamw", "weight_decay": 0.0},
+        ]
         self._adamw = torch.optim.AdamW(
             [g for g in adamw_groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas, fused=fused
         )
@@ -88,7 +92,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._relink()
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -173,8 +177,10 @@ class CausalLMModule(LightningModule):
             self.config.vocab_size = vocab_size
         self.optimizer_name = optimizer
         self.lr, self.min_lr_ratio, self.warmup_steps, self.max_steps = lr, min_lr_ratio, warmup_steps, max_steps
-        self.weight_decay, self.betas, self.muon_momentum = weight_decay, tuple(betas), muon_momentum
-        self.compile, self.activation_checkpointing = compile, activation_checkpointing
+        beta1, beta2 = betas  # a list from Python callers becomes the tuple the optimizers and hparams keep
+        self.weight_decay, self.betas, self.muon_momentum = weight_decay, (beta1, beta2), muon_momentum
+        # not self.compile: that would shadow nn.Module.compile
+        self.compile_blocks, self.activation_checkpointing = compile, activation_checkpointing
         self.save_hyperparameters()
         self.model: nn.Module | None = None
         # Per source, [loss sum, token count] of the current window, on the device and rank-local (as train/loss).
@@ -196,10 +202,18 @@ class CausalLMModule(LightningModule):
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is None:
             return
-        if self.hparams.vocab_size is None and getattr(dm, "vocab_size", None) is not None:
+        if self.hparams["vocab_size"] is None and getattr(dm, "vocab_size", None) is not None:
             # The data decides the vocabulary (256 for bytes); record it so checkpoints reload alone.
             self.config.vocab_size = int(dm.vocab_size)
-            self.hparams.vocab_size = self.config.vocab_size
+            self.hparams["vocab_size"] = self.config.vocab_size
+        max_ids = getattr(dm, "max_token_ids", None) or {}
+        if max_ids and max(max_ids.values()) >= self.config.vocab_size:
+            source, largest = max(max_ids.items(), key=lambda item: item[1])
+            raise ValueError(
+                f"model vocabulary {self.config.vocab_size} is too small for the data: source '{source}' holds token "
+                f"id {largest}. Set model.init_args.vocab_size (or the model config's vocab_size) to at least "
+                f"{largest + 1}, or leave it unset so the data decides"
+            )
         data_block = getattr(dm, "block_size", None)
         if data_block is not None and data_block > self.config.block_size:
             raise ValueError(
@@ -226,7 +240,7 @@ class CausalLMModule(LightningModule):
         param_dtype = _PRECISION_DTYPES.get(str(self.trainer.precision))
         shard_model(model, mesh["data_parallel"], param_dtype=param_dtype)
         model.to_empty(device=self.trainer.strategy.root_device)
-        model.reset_parameters()
+        model.reset_parameters()  # type: ignore[operator]  # every recipe model has it; nn.Module.__getattr__ hides it
         self.model = model
 
     def _strategy(self) -> Any:
@@ -236,7 +250,7 @@ class CausalLMModule(LightningModule):
     def _build(self) -> nn.Module:
         model = build_model(self.config)
         model.activation_checkpointing = self.activation_checkpointing
-        if self.compile:
+        if self.compile_blocks:
             # Per block: compiles once (blocks are identical) and composes with FSDP2 and checkpointing.
             for block in model.blocks:
                 block.compile()
@@ -371,10 +385,10 @@ class CausalLMModule(LightningModule):
             self.log(f"{prefix}/loss/ood", torch.stack(held_out).mean())
 
     # -------------------------------------------------------------- optimizer
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         assert self.model is not None
         params = [p for p in self.model.parameters() if p.requires_grad]
-        is_dtensor = any(isinstance(p, DTensor) for p in params) if DTensor else False
+        is_dtensor = any(isinstance(p, DTensor) for p in params)  # never true for the () fallback
         # Fused AdamW is one kernel for all parameters; we use it on CUDA, where it is fastest and tested
         # with FSDP2 DTensors, and keep the default (foreach) elsewhere.
         fused = True if all(p.device.type == "cuda" for p in params) else None
@@ -412,8 +426,11 @@ class CausalLMModule(LightningModule):
 def _split_muon_params(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     """Muon takes the 2-D weights inside the transformer blocks; embeddings and the output head are
     lookups/classifiers rather than hidden linear maps, so they stay with AdamW (as in the Muon paper)."""
-    muon_ids = {id(p) for p in model.blocks.parameters() if p.ndim == 2 and p.requires_grad}
-    muon, other, seen = [], [], set()
+    blocks = cast(nn.ModuleList, model.blocks)  # every recipe model's; nn.Module.__getattr__ types it Tensor | Module
+    muon_ids = {id(p) for p in blocks.parameters() if p.ndim == 2 and p.requires_grad}
+    muon: list[Tensor] = []
+    other: list[Tensor] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue

@@ -22,14 +22,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 import lightning_nexus.strategies  # noqa: F401  (registers the "nexus_ddp" strategy names)
+from lightning_nexus._compat import trainer_callbacks
+from lightning_nexus.checkpoint import VerifiedCheckpointIO
 from lightning_nexus.tools.progress import use_step_progress_bar
 from lightning_nexus.tools.recipes import resolve_config_args
 
@@ -68,12 +71,15 @@ class NexusCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        use_step_progress_bar(trainer)
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        chosen = config["trainer"].get("callbacks") or []
+        use_step_progress_bar(trainer, chosen=chosen if isinstance(chosen, list) else [chosen])
+        use_verified_checkpoints(trainer)
         return trainer
 
     def before_fit(self) -> None:
         self._validated = _ValidationRecorder()
-        self.trainer.callbacks.append(self._validated)
+        trainer_callbacks(self.trainer).append(self._validated)
 
     def after_fit(self) -> None:
         validate_last_step(self.trainer, self.model, self.datamodule, self._validated)
@@ -84,6 +90,12 @@ class NexusCLI(LightningCLI):
 
     def after_test(self) -> None:
         print_loss_table(self.trainer, prefix="test")
+
+
+def use_verified_checkpoints(trainer: Trainer) -> None:
+    """Atomic, verified checkpoint files (lightning_nexus.checkpoint) unless the config names its own CheckpointIO."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
+        trainer.strategy.checkpoint_io = VerifiedCheckpointIO()
 
 
 class _NexusArgumentParser(LightningArgumentParser):
@@ -108,7 +120,9 @@ def unknown_key_message(message: str) -> str | None:
     section = re.match(r'Parser key "([\w.]+)"', message)
     where = section.group(1) if section else "init_args"
     try:
-        valid = [n for n in inspect.signature(_import_dotted(class_path)).parameters if n not in ("self", "args", "kwargs")]
+        valid = [
+            n for n in inspect.signature(_import_dotted(class_path)).parameters if n not in ("self", "args", "kwargs")
+        ]
     except (ImportError, AttributeError, TypeError, ValueError):
         valid = []
     close = difflib.get_close_matches(key, valid, n=1)
@@ -162,7 +176,9 @@ def validate_last_step(
 
 def _has_validation(model: LightningModule, datamodule: LightningDataModule | None) -> bool:
     source = datamodule if datamodule is not None else model
-    return is_overridden("val_dataloader", source) and (datamodule is not None or is_overridden("validation_step", model))
+    return is_overridden("val_dataloader", source) and (
+        datamodule is not None or is_overridden("validation_step", model)
+    )
 
 
 def continue_log_version(config: Any) -> None:
@@ -265,7 +281,6 @@ def main(args: list[str] | None = None) -> None:
     # process at interpreter exit ("terminate called without an active exception") after a good run.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
 
 
 def _source_error(err: BaseException | None) -> BaseException | None:

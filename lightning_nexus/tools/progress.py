@@ -13,8 +13,10 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from typing_extensions import override
+
+from lightning_nexus._compat import trainer_callbacks, trainer_log_every_n_steps
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -52,7 +54,7 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         total = self.total_train_batches
-        self._every = max(1, int(total) // 20) if total != float("inf") else max(1, trainer.log_every_n_steps)
+        self._every = max(1, int(total) // 20) if total != float("inf") else max(1, trainer_log_every_n_steps(trainer))
         self._t0 = time.monotonic()
 
     @override
@@ -94,8 +96,11 @@ class StepProgressBar(TQDMProgressBar):
         return "  ".join(f"{k} {metrics[k]:.4f}" for k in shown)
 
 
-def use_step_progress_bar(trainer: pl.Trainer) -> None:
-    """Swap Lightning's default bar for :class:`StepProgressBar`; a bar the user chose stays."""
-    for i, callback in enumerate(trainer.callbacks):
-        if type(callback) is TQDMProgressBar:
-            trainer.callbacks[i] = StepProgressBar(refresh_rate=callback.refresh_rate)
+def use_step_progress_bar(trainer: pl.Trainer, chosen: list[Any]) -> None:
+    """Swap Lightning's default bar (TQDM, or Rich where rich is installed) for :class:`StepProgressBar`;
+    a bar in ``chosen`` (the callbacks the user configured) stays."""
+    callbacks = trainer_callbacks(trainer)
+    for i, callback in enumerate(callbacks):
+        if isinstance(callback, ProgressBar) and not any(callback is c for c in chosen):
+            callbacks[i] = StepProgressBar()
+            return

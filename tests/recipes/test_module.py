@@ -164,3 +164,11 @@ def test_bad_arguments_name_the_key():
         CausalLMModule(optimizer="sgd")
     with pytest.raises(ValueError, match="lr=0"):
         CausalLMModule(lr=0)
+
+
+def test_a_vocabulary_smaller_than_the_data_is_refused_naming_the_source():
+    data = FakeMixedData()
+    data.max_token_ids = {"up1": 255, "up2": 300}  # e.g. a tokens source written by a larger tokenizer
+    module = CausalLMModule(model=GPTConfig(size="tiny"), vocab_size=256)
+    with pytest.raises(ValueError, match=r"vocabulary 256 is too small.*source 'up2' holds token id 300.*at least 301"):
+        fit(module, data, max_steps=1)
