@@ -218,7 +218,7 @@ def fit_lightning(setup: Setup, nexus: bool) -> Measurement:
     timer = _WindowTimer(args.warmup_steps, setup.total_steps, setup.sync)
     callbacks: list[pl.Callback] = [timer]
     if nexus:
-        callbacks.append(NexusCallback(inner_lr=args.inner_lr))
+        callbacks.append(NexusCallback(inner_lr=args.inner_lr, exact=args.exact))
     trainer = pl.Trainer(
         accelerator=setup.device.type,
         devices=1,
@@ -259,7 +259,7 @@ def fit_plain(setup: Setup, nexus: bool) -> Measurement:
     optimizer: torch.optim.Optimizer = configured["optimizer"]
     scheduler = configured["lr_scheduler"]["scheduler"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    inner = Nexus(optimizer.param_groups, inner_lr=args.inner_lr) if nexus else None
+    inner = Nexus(optimizer.param_groups, inner_lr=args.inner_lr, exact=args.exact) if nexus else None
     bf16 = args.precision == "bf16-mixed"
     batches = itertools.cycle(setup.pool)
 
@@ -471,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (one fit per arm each)")
     parser.add_argument("--warmup-fits", type=int, default=0, help="discarded rounds before the timed ones")
     parser.add_argument("--inner-lr", type=float, default=DEFAULT_INNER_LR, help="Nexus γ")
+    parser.add_argument(
+        "--exact", action="store_true", help="Nexus exact mode (Σ d_k in a second fp32 buffer; docs/gpu.md)"
+    )
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm as in the recipes (0: off)")
     parser.add_argument("--log-every", type=int, default=10, help="Trainer(log_every_n_steps) in the lightning loop")

@@ -8,6 +8,9 @@ pyproject bounds torch below 2.15 until the suite has run on the next release.
 
 Overriding ``FSDPStrategy._setup_model`` (``NexusFSDPStrategy``) is the one private *hook*; it cannot be
 wrapped, so ``test_compat.py`` checks its signature and that ``setup`` still calls it.
+
+The ``trainer_*`` accessors wrap *public* Trainer attributes that Lightning assigns from its connectors, so
+they carry no annotation a type checker can see; the accessors keep their callers type-checked.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
     from torch.nn.parallel import DistributedDataParallel
 
 
@@ -127,6 +131,16 @@ def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
         return module.trainer
     except RuntimeError:
         return None
+
+
+def trainer_callbacks(trainer: pl.Trainer) -> list[Callback]:
+    """``trainer.callbacks``: the live list Lightning calls hooks from, so changes to it take effect."""
+    return trainer.callbacks  # type: ignore[attr-defined]  # assigned by _CallbackConnector
+
+
+def trainer_log_every_n_steps(trainer: pl.Trainer) -> int:
+    """``Trainer(log_every_n_steps)`` as resolved: 50 when not given, 0 under ``barebones=True``."""
+    return trainer.log_every_n_steps  # type: ignore[attr-defined]  # assigned by _LoggerConnector
 
 
 def fabric_forward_module(module: Any) -> torch.nn.Module:

@@ -39,7 +39,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_nexus._compat import batches_that_stepped
 from lightning_nexus.core import DTensor, _local, _reduce_groups, dist
+from lightning_nexus.window_sources import source_names
 
 DEFAULT_SKETCH_DIM = 16384
 """Count-sketch width m. The cosine estimate has a standard deviation of about √((1+c²)/m) ≈ 0.008-0.011
@@ -258,7 +260,7 @@ class GradSimilarityMonitor(Callback):
         if not every or not self._params:
             return False
         # the same count Lightning's should_update_logs uses; constant until this window steps
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+        return (batches_that_stepped(trainer) + 1) % every == 0
 
     def _begin_window(self, K: int) -> None:
         width = None if self._exact else self.sketch_dim
@@ -346,7 +348,7 @@ class GradSimilarityMonitor(Callback):
         first = int(ids[0])
         if bool((ids != first).any()):
             return "mixed"
-        names = getattr(getattr(trainer, "datamodule", None), "source_names", None)
+        names = source_names(trainer)  # the datamodule's, else per_source_dataloader's
         return str(names[first]) if names is not None and 0 <= first < len(names) else f"source{first}"
 
 

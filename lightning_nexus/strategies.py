@@ -23,15 +23,16 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegi
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.nn import Module
 from typing_extensions import override
 
+from lightning_nexus._compat import attached_trainer, fsdp1_managed_params
+from lightning_nexus.contract import WindowOwner
+from lightning_nexus.replicas import average_pseudo_gradients, broadcast_ddp_buffers
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-_BUCKET_BYTES = 64 * 2**20
 
 
 class NexusDDPStrategy(DDPStrategy):
@@ -47,8 +48,6 @@ class NexusDDPStrategy(DDPStrategy):
         trainer = Trainer(accelerator="gpu", devices=8, strategy=NexusDDPStrategy(sync="every"),
                           accumulate_grad_batches=4, callbacks=[NexusCallback()])
     """
-
-    supports_nexus = True  # read by NexusCallback's setup check
 
     def __init__(self, sync: Literal["every", "window"] = "every", **ddp_kwargs: Any) -> None:
         if sync not in ("every", "window"):
@@ -77,7 +76,7 @@ class NexusDDPStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        if self.sync == "window" and not any(getattr(cb, "nexus_window_reducer", False) for cb in trainer.callbacks):
+        if self.sync == "window" and not any(isinstance(cb, WindowOwner) for cb in trainer.callbacks):
             raise RuntimeError(
                 "NexusDDPStrategy(sync='window') switches DDP's gradient all-reduce off and averages only the "
                 "pseudo-gradient that NexusCallback hands over; without NexusCallback the ranks would never "
@@ -93,52 +92,12 @@ class NexusDDPStrategy(DDPStrategy):
         """
         if self.sync != "window" or self.world_size == 1:
             return skipped
-        self._broadcast_buffers()
-        device = params[0].device
-        # one flag per parameter (did any rank produce a gradient?) and one for "some rank skipped"
-        flags = torch.tensor(
-            [0.0 if skipped or p.grad is None else 1.0 for p in params] + [float(skipped)], device=device
-        )
-        dist.all_reduce(flags)
-        if flags[-1].item() > 0:
-            return True
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        for bucket in _buckets(grads):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)  # SUM then divide: gloo has no AVG
-            flat.div_(self.world_size)
-            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(reduced)
-        for p, g, got in zip(params, grads, flags[:-1].tolist()):
-            p.grad = g if got > 0 else None
-        return False
+        broadcast_ddp_buffers(self.model)  # type: ignore[arg-type]
+        return average_pseudo_gradients(params, skipped)
 
-    def _broadcast_buffers(self) -> None:
-        """Broadcast rank 0's buffers (e.g. BatchNorm running statistics), as DDP does before a forward.
-
-        With backward sync off, DDP stops its own broadcast (it runs only after a synced backward), and
-        each rank's statistics follow its own data. Done here, at the outer step, rather than by
-        re-enabling DDP's broadcast for the next forward: the traffic is the same, but buffers then agree
-        across ranks after every outer step, like the parameters, also after the last one.
-        """
-        ddp = self.model
-        ddp.require_forward_param_sync = True  # type: ignore[union-attr]
-        if ddp.will_sync_module_buffers():  # type: ignore[union-attr]  # honours broadcast_buffers=False
-            ddp._sync_buffers()  # type: ignore[union-attr]  # DDP's own: ignored buffers, join, buffer hooks
-        ddp.require_forward_param_sync = False  # type: ignore[union-attr]  # the next forward need not repeat it
-
-
-def _buckets(tensors: list[Tensor]) -> Generator[list[Tensor], None, None]:
-    bucket: list[Tensor] = []
-    size = 0
-    for t in tensors:
-        if bucket and (size + t.numel() * t.element_size() > _BUCKET_BYTES or t.dtype != bucket[0].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(t)
-        size += t.numel() * t.element_size()
-    if bucket:
-        yield bucket
+    def nexus_shard_group(self, params: list[Tensor]) -> dist.ProcessGroup | None:
+        """None: DDP parameters are whole on every rank."""
+        return None
 
 
 class NexusFSDPStrategy(FSDPStrategy):
@@ -164,8 +123,6 @@ class NexusFSDPStrategy(FSDPStrategy):
                           accumulate_grad_batches=4, gradient_clip_val=1.0, callbacks=[NexusCallback()])
     """
 
-    supports_nexus = True  # read by NexusCallback's setup check
-
     def __init__(self, **fsdp_kwargs: Any) -> None:
         super().__init__(**fsdp_kwargs)
         if self.sharding_strategy not in _NEXUS_SHARDING:
@@ -183,6 +140,10 @@ class NexusFSDPStrategy(FSDPStrategy):
         # boundary, while every inner step needs the reduced gradient of its own micro-batch.
         yield None
 
+    def reduce_window(self, params: list[Tensor], skipped: bool) -> bool:
+        """G already agrees: every micro-batch's gradient was reduce-scattered."""
+        return skipped
+
     def nexus_shard_group(self, params: list[Tensor]) -> dist.ProcessGroup | None:
         """The process group over which ``params`` (the optimizer's, sharded views or flat parameters) are
         sharded, for :class:`~lightning_nexus.Nexus`'s global norm; ``None`` under ``NO_SHARD``."""
@@ -195,9 +156,7 @@ class NexusFSDPStrategy(FSDPStrategy):
             )
         managed: set[int] = set()
         for m in modules:
-            handle = getattr(m, "_handle", None)  # None: a wrapper that owns no parameters of its own
-            if handle is not None:  # FSDP's own clip_grad_norm_ reads the same: flat params and their views
-                managed.update(id(p) for p in (handle.flat_param, *(handle.flat_param._params or ())))
+            managed.update(id(p) for p in fsdp1_managed_params(m))
         unmanaged = sum(id(p) not in managed for p in params)
         if unmanaged:
             raise RuntimeError(
@@ -232,10 +191,10 @@ class NexusFSDPStrategy(FSDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         # FSDP1 gathers the state dict from its flat shards before any callback sees it, so a mid-window
         # checkpoint gets θ0 by holding it in the shards during the gather (NexusCallback.anchor_as_weights).
-        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        trainer = attached_trainer(self.lightning_module) if self.lightning_module is not None else None
         with ExitStack() as stack:
             for callback in trainer.callbacks if trainer is not None else []:
-                if hasattr(callback, "anchor_as_weights"):
+                if isinstance(callback, WindowOwner):
                     stack.enter_context(callback.anchor_as_weights())
             return super().lightning_module_state_dict()
 

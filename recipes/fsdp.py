@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_nexus_recipes.models import RecipeModel
 
 
 def shard_model(
-    model: nn.Module,
+    model: RecipeModel,
     mesh: torch.distributed.device_mesh.DeviceMesh,
     param_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
-) -> nn.Module:
+) -> RecipeModel:
     """``fully_shard`` each transformer block, then the root (embeddings, final norm, head).
 
     One FSDP unit per block lets the all-gather of block i+1 overlap the compute of block i, and keeps

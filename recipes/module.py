@@ -10,19 +10,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_nexus._compat import attached_trainer
 from lightning_nexus_recipes.fsdp import shard_model
-from lightning_nexus_recipes.models import GPTConfig, ModelConfig, build_model
+from lightning_nexus_recipes.models import GPTConfig, ModelConfig, RecipeModel, build_model
 
 try:
     from torch.distributed.tensor import DTensor
@@ -41,6 +41,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     Example::
 
+        >>> from torch import nn
         >>> net = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
         >>> opt = MuonWithAdamW(muon_params=[net[1].weight], adamw_params=[net[0].weight, net[1].bias], lr=1e-3)
         >>> [g["kind"] for g in opt.param_groups]
@@ -182,7 +183,7 @@ class CausalLMModule(LightningModule):
         # not self.compile: that would shadow nn.Module.compile
         self.compile_blocks, self.activation_checkpointing = compile, activation_checkpointing
         self.save_hyperparameters()
-        self.model: nn.Module | None = None
+        self.model: RecipeModel | None = None
         # Per source, [loss sum, token count] of the current window, on the device and rank-local (as train/loss).
         # Not a torchmetrics MeanMetric: its update reads a NaN flag on the host (a GPU stall every micro-batch),
         # and nan_strategy="disable", which skips that, drops the weights (torchmetrics 1.9).
@@ -240,14 +241,14 @@ class CausalLMModule(LightningModule):
         param_dtype = _PRECISION_DTYPES.get(str(self.trainer.precision))
         shard_model(model, mesh["data_parallel"], param_dtype=param_dtype)
         model.to_empty(device=self.trainer.strategy.root_device)
-        model.reset_parameters()  # type: ignore[operator]  # every recipe model has it; nn.Module.__getattr__ hides it
+        model.reset_parameters()
         self.model = model
 
     def _strategy(self) -> Any:
         trainer = attached_trainer(self)
         return trainer.strategy if trainer is not None else None
 
-    def _build(self) -> nn.Module:
+    def _build(self) -> RecipeModel:
         model = build_model(self.config)
         model.activation_checkpointing = self.activation_checkpointing
         if self.compile_blocks:
@@ -423,11 +424,10 @@ class CausalLMModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def _split_muon_params(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+def _split_muon_params(model: RecipeModel) -> tuple[list[Tensor], list[Tensor]]:
     """Muon takes the 2-D weights inside the transformer blocks; embeddings and the output head are
     lookups/classifiers rather than hidden linear maps, so they stay with AdamW (as in the Muon paper)."""
-    blocks = cast(nn.ModuleList, model.blocks)  # every recipe model's; nn.Module.__getattr__ types it Tensor | Module
-    muon_ids = {id(p) for p in blocks.parameters() if p.ndim == 2 and p.requires_grad}
+    muon_ids = {id(p) for p in model.blocks.parameters() if p.ndim == 2 and p.requires_grad}
     muon: list[Tensor] = []
     other: list[Tensor] = []
     seen: set[int] = set()

@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from lightning_nexus.data.generators import GENERATORS_VERSION, arithmetic_docs, pcfg_docs
-from lightning_nexus.data.store import MANIFEST, CorruptCacheError, read_manifest, write_token_dir
+from lightning_nexus.data.store import MANIFEST, CorruptCacheError, make_build_dir, read_manifest, write_token_dir
 from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
 
 # Bump when the corpus recipe (selection, generators, layout) changes: old caches are then ignored.
@@ -266,9 +265,8 @@ def build_embedded_corpus(
 
 def _build(root: Path, plans: list[_SourcePlan], max_bytes: int, tokenizer: str, bpe_vocab: int, verbose: bool) -> None:
     t0 = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
     _log(f"building embedded corpus ({len(plans)} sources, <= {max_bytes / 1e6:.1f} MB each) into {root}", verbose)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = make_build_dir(root)
     try:
         texts: dict[str, list[str]] = {}
         for p in plans:
@@ -318,7 +316,8 @@ def _load(root: Path, verify: bool) -> EmbeddedCorpus:
     manifest = read_manifest(root, verify=verify, what=what)
     sources = []
     for e in manifest["sources"]:
-        sub = read_manifest(root / e["name"], verify=verify, what=f"{what}, source '{e['name']}'")
+        # the corpus manifest covers the source dirs: repairing one means rebuilding the whole corpus
+        sub = read_manifest(root / e["name"], verify=verify, what=f"{what}, source '{e['name']}'", rebuild=root)
         if sub.get("num_tokens") != e["num_tokens"]:
             raise CorruptCacheError(
                 f"{what}: source '{e['name']}' disagrees with {root / MANIFEST}; delete {root} to rebuild"

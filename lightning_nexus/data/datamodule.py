@@ -28,9 +28,25 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lightning_nexus.data.corpus import DEFAULT_BYTES_PER_SOURCE, build_embedded_corpus, default_cache_dir
 from lightning_nexus.data.schedule import ScheduleKind, SourceSchedule
-from lightning_nexus.data.sources import SourceError, SourceSpec, resolve_source, train_user_bpe, validate_specs
+from lightning_nexus.data.sources import (
+    PRETOKENIZED_FORMATS,
+    SourceError,
+    SourceSpec,
+    check_source_data,
+    resolve_source,
+    source_record,
+    train_user_bpe,
+    validate_specs,
+)
 from lightning_nexus.data.store import TokenStream
-from lightning_nexus.data.tokenizer import BPETokenizer, ByteTokenizer
+from lightning_nexus.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    TokenizerRecord,
+    record_of,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -250,12 +266,15 @@ class MixedSourceDataModule(LightningDataModule):
             ``$LIGHTNING_NEXUS_CACHE`` or ``~/.cache/lightning_nexus``.
         val_batches_per_source: validation micro-batches per source (all ranks together); they
             are cut from the end of each train source's stream and never trained on.
-        tokenizer: ``byte`` (vocab 256) or ``bpe`` (trained offline with ``tokenizers``).
+        tokenizer: ``byte`` (vocab 256), ``bpe`` (trained offline with ``tokenizers`` on the train
+            sources) or the path of a pretrained Hugging Face ``tokenizer.json``. It tokenizes the
+            document sources; pre-tokenized sources state theirs, and all must agree.
         bpe_vocab_size: vocabulary of the BPE tokenizer.
         train_batches_per_epoch: micro-batches per epoch and rank; default: until the first
             source would repeat a block.
         corpus_bytes_per_source: size of each embedded-corpus source.
-        vocab_size: vocabulary of pre-tokenized ``litdata`` sources, if larger than the tokenizer's.
+        vocab_size: vocabulary for the model, if larger than the tokenizer's (never smaller than the
+            largest token id of any source).
 
     Example::
 
@@ -278,7 +297,7 @@ class MixedSourceDataModule(LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         val_batches_per_source: int = 8,
-        tokenizer: Literal["byte", "bpe"] = "byte",
+        tokenizer: str = "byte",
         bpe_vocab_size: int = 4096,
         train_batches_per_epoch: int | None = None,
         corpus_bytes_per_source: int = DEFAULT_BYTES_PER_SOURCE,
@@ -297,8 +316,13 @@ class MixedSourceDataModule(LightningDataModule):
             raise ValueError(f"schedule must be 'round_robin' or 'weighted', got {schedule!r}")
         if mixing not in ("per_source", "sample"):
             raise ValueError(f"mixing must be 'per_source' or 'sample', got {mixing!r}")
-        if tokenizer not in ("byte", "bpe"):
-            raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
+        if tokenizer not in ("byte", "bpe") and not str(tokenizer).endswith(".json"):
+            raise ValueError(f"tokenizer must be 'byte', 'bpe' or the path of a tokenizer.json, got {tokenizer!r}")
+        if sources is None and tokenizer not in ("byte", "bpe"):
+            raise ValueError(
+                f"tokenizer={tokenizer!r}: the embedded corpus is tokenized with 'byte' or 'bpe'; a tokenizer.json "
+                "needs your own sources"
+            )
         if sources is not None:
             sources = [SourceSpec(**s) if isinstance(s, dict) else s for s in sources]
             validate_specs(sources)
@@ -315,6 +339,7 @@ class MixedSourceDataModule(LightningDataModule):
         self._dist: tuple[int, int] | None = None
         self._resolved: dict[str, Any] | None = None
         self._train_loader: _ResumableLoader | None = None
+        self._records: dict[str, TokenizerRecord] = {}
 
     # -- resolution ----------------------------------------------------------------------------
 
@@ -342,33 +367,61 @@ class MixedSourceDataModule(LightningDataModule):
     def _resolve(self) -> dict[str, Any]:
         if self._resolved is not None:
             return self._resolved
+        entries: list[tuple[str, str, Any, float]]
+        tok: Tokenizer
         if self.sources is None:
+            kind: Literal["byte", "bpe"] = "bpe" if self.tokenizer == "bpe" else "byte"
             corpus = build_embedded_corpus(
-                self.cache_dir, self.corpus_bytes_per_source, self.tokenizer, self.bpe_vocab_size, seed=0
+                self.cache_dir, self.corpus_bytes_per_source, kind, self.bpe_vocab_size, seed=0
             )
             entries = [(s.name, s.role, TokenStream(s.path, name=s.name), 1.0) for s in corpus.sources]
             vocab = corpus.vocab_size
             tok = ByteTokenizer() if corpus.tokenizer == "byte" else BPETokenizer(corpus.tokenizer)
         else:
-            if self.tokenizer == "bpe":
-                tok: ByteTokenizer | BPETokenizer = train_user_bpe(self.sources, self.cache_dir, self.bpe_vocab_size)
-            else:
-                tok = ByteTokenizer()
+            for spec in self.sources:  # refuse garbage before spending minutes tokenizing it
+                check_source_data(spec)
+            tok = self._run_tokenizer()
+            records = {s.name: source_record(s, tok) for s in self.sources}
+            _check_same_tokenizer(self.sources, records)  # before tokenizing: it needs no data
             entries = [(s.name, s.role, resolve_source(s, tok, self.cache_dir), float(s.weight)) for s in self.sources]
-            vocab = tok.vocab_size
-            for name, _, stream, _ in entries:
-                top = stream.max_token()
-                if top >= max(vocab, self._vocab_override or 0):
-                    raise SourceError(
-                        f"source '{name}' contains token id {top} but the vocabulary has {vocab} entries; set "
-                        f"vocab_size >= {top + 1} (pre-tokenized with another tokenizer?)"
-                    )
+            vocab = _check_vocabulary(records, entries, self._vocab_override)
+            self._records = records
         if self._vocab_override is not None:
             vocab = max(vocab, self._vocab_override)
         train = [e for e in entries if e[1] == "train"]
         ood = [e for e in entries if e[1] == "ood"]
         self._resolved = {"train": train, "ood": ood, "vocab": vocab, "tokenizer": tok}
         return self._resolved
+
+    def _run_tokenizer(self) -> Tokenizer:
+        assert self.sources is not None
+        stated = {s.tokenizer for s in self.sources if s.format in PRETOKENIZED_FORMATS}
+        only_ids = all(s.format in PRETOKENIZED_FORMATS for s in self.sources)
+        if only_ids and self.tokenizer == "byte" and len(stated) == 1 and str(next(iter(stated))).endswith(".json"):
+            # nothing to tokenize: the ids' own tokenizer is the run's (text_tokenizer encodes probes with it)
+            return HFTokenizer(str(next(iter(stated))))
+        if self.tokenizer == "bpe":
+            return train_user_bpe(self.sources, self.cache_dir, self.bpe_vocab_size)
+        if self.tokenizer == "byte":
+            return ByteTokenizer()
+        try:
+            return HFTokenizer(self.tokenizer)
+        except (OSError, ValueError) as err:
+            raise SourceError(f"tokenizer {self.tokenizer!r} cannot be used: {err}") from err
+
+    @property
+    def max_token_ids(self) -> dict[str, int]:
+        """Largest token id of each source (among its first 2**26 tokens): a model's vocabulary must exceed them."""
+        res = self._resolve()
+        return {name: int(stream.max_token()) for name, _, stream, _ in res["train"] + res["ood"]}
+
+    @property
+    def source_tokenizers(self) -> dict[str, TokenizerRecord]:
+        """The tokenizer each source's ids come from (all equal: a run with differing ones is refused)."""
+        res = self._resolve()
+        if self.sources is None:
+            return {e[0]: record_of(res["tokenizer"]) for e in res["train"] + res["ood"]}
+        return dict(self._records)
 
     @property
     def text_tokenizer(self) -> ByteTokenizer | BPETokenizer:
@@ -393,7 +446,8 @@ class MixedSourceDataModule(LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        if self.tokenizer == "byte" and self._vocab_override is None:
+        pretokenized = self.sources is not None and any(s.format in PRETOKENIZED_FORMATS for s in self.sources)
+        if self.tokenizer == "byte" and self._vocab_override is None and not pretokenized:
             return 256  # known without touching data, so a CLI can link it into the model early
         return int(self._resolve()["vocab"])
 
@@ -493,3 +547,30 @@ class MixedSourceDataModule(LightningDataModule):
             ds = _ValBatches(stream, sid, max(first, 0), n, self.block_size, self.batch_size, rank, world)
             loaders.append(DataLoader(ds, batch_size=None, num_workers=0))
         return loaders
+
+
+def _check_same_tokenizer(specs: list[SourceSpec], records: dict[str, TokenizerRecord]) -> None:
+    """Refuse sources whose token ids mean different things."""
+    first = specs[0]
+    for spec in specs[1:]:
+        if not records[spec.name].same_ids(records[first.name]):
+            raise SourceError(
+                f"sources '{first.name}' and '{spec.name}' use different tokenizers: "
+                f"{records[first.name].describe()} vs {records[spec.name].describe()}; their token ids do not mean "
+                "the same thing: re-tokenize one of them with the other's tokenizer"
+            )
+
+
+def _check_vocabulary(records: dict[str, TokenizerRecord], entries: list, vocab_override: int | None) -> int:
+    """Refuse token ids beyond the vocabulary; return the vocabulary size."""
+    vocab = next(iter(records.values())).vocab_size
+    tops = {name: int(stream.max_token()) for name, _, stream, _ in entries}
+    for name, top in tops.items():
+        limit = max(vocab or 0, vocab_override or 0)
+        if top >= limit:
+            what = f"its tokenizer {records[name].describe()}" if vocab else "the stated vocabulary"
+            raise SourceError(
+                f"source '{name}' contains token id {top} but {what} has {limit or 'no known'} entries; set "
+                f"vocab_size >= {top + 1} if that tokenizer is really larger, or fix the source's tokenizer"
+            )
+    return max(vocab or 0, vocab_override or 0, 1 + max(tops.values()))

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from lightning_nexus._compat import litdata_item_dtype
 
 MANIFEST = "manifest.json"
 TOKENS_FILE = "tokens.npy"  # the pre-optimize staging array, deleted after the build
@@ -103,8 +106,7 @@ def write_token_dir(
         return final_dir
     if tokens.ndim != 1 or tokens.size == 0:
         raise ValueError(f"refusing to write an empty token stream to {final_dir}")
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    tmp = make_build_dir(final_dir)
     try:
         staging = tmp / TOKENS_FILE
         np.save(staging, tokens)
@@ -125,10 +127,52 @@ def write_token_dir(
     return final_dir
 
 
-def read_manifest(directory: Path, verify: bool = True, what: str = "cache") -> dict[str, Any]:
-    """Load and (optionally) hash-check a directory written by ``write_token_dir``."""
+def make_build_dir(final_dir: Path) -> Path:
+    """A fresh temporary sibling of ``final_dir`` to build into, after removing the ones that builders killed
+    before they could clean up left behind (their names carry host and pid; a running builder's stay)."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_build_dirs(final_dir)
+    prefix = f".{final_dir.name}.tmp-{_host()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=final_dir.parent))
+
+
+def remove_stale_build_dirs(final_dir: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<host>-<pid>-*`` siblings of ``final_dir`` whose builder on this host has exited."""
+    removed = []
+    for tmp in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):
+        parts = tmp.name[len(f".{final_dir.name}.tmp-") :].split("-")
+        if len(parts) < 3 or not parts[-2].isdigit() or "-".join(parts[:-2]) != _host():
+            continue  # an older name without pid, or another host's build: not ours to judge
+        if _pid_alive(int(parts[-2])):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be building into it; a failed attempt cleans up itself
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_manifest(
+    directory: Path, verify: bool = True, what: str = "cache", rebuild: Path | None = None
+) -> dict[str, Any]:
+    """Load and (optionally) hash-check a directory written by ``write_token_dir``. ``rebuild``: the directory
+    to delete to repair damage, when that is a parent of ``directory`` (default: ``directory`` itself)."""
     directory = Path(directory)
-    fix = f"delete {directory} and run again to rebuild it"
+    fix = f"delete {rebuild if rebuild is not None else directory} and run again to rebuild it"
     path = directory / MANIFEST
     if not path.exists():
         raise CorruptCacheError(f"{what}: {directory} has no {MANIFEST} (an interrupted build?); {fix}")
@@ -171,10 +215,8 @@ def _read_index(directory: Path, name: str) -> tuple[np.dtype, list[tuple[str, i
         )
     if meta["config"].get("compression"):
         raise ValueError(f"source '{name}': {directory} has compressed chunks; re-optimize it without compression")
-    from litdata.constants import _NUMPY_DTYPES_MAPPING, _TORCH_DTYPES_MAPPING
-
     kind, idx = formats[0].split(":")
-    dtype = _NUMPY_DTYPES_MAPPING[int(idx)] if kind == "no_header_numpy" else _TORCH_DTYPES_MAPPING[int(idx)]
+    dtype = litdata_item_dtype(kind, int(idx))
     if not isinstance(dtype, np.dtype):  # a torch dtype
         import torch
 

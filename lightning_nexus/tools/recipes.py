@@ -91,4 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     for name, path in recipes.items():
         _, hardware = describe(path)
         print(f"{name:<{width}}  {command_for(path):<10}  {hardware or '-'}")
-    print(f"\nRun one with `lightning-nexus fit --config NAME` (or `experiment --config NAME`); files in {recipe_dir()}")
+    print(
+        f"\nRun one with `lightning-nexus fit --config NAME` (or `experiment --config NAME`); files in {recipe_dir()}"
+    )

@@ -1,6 +1,6 @@
 """Common-minima diagnostics: how flat the loss is, and how far each data source pulls the model.
 
-Nexus (DESIGN.md 0, 1.1) aims at the same loss as AdamW but at a point that is a minimum of *every*
+Nexus (docs/update_rule.md) aims at the same loss as AdamW but at a point that is a minimum of *every*
 source at once. Two cheap probes make that claim measurable on a trained checkpoint:
 
 * **Curvature** (:func:`hutchinson_trace`, :func:`per_source_traces`): the trace of the Hessian of
@@ -58,8 +58,11 @@ from lightning_nexus_recipes.evidence.modes import eval_mode
 
 __all__ = [
     "FineTuneDistances",
+    "GradientAlignment",
     "TraceEstimate",
+    "fine_tune_curve",
     "fine_tune_distances",
+    "gradient_alignment",
     "hutchinson_trace",
     "lm_loss",
     "per_source_traces",
@@ -274,6 +277,138 @@ def fine_tune_distances(
         loss_after={name: cross[name][name] for name in names},
         cross_loss=cross if cross_source else None,
     )
+
+
+@dataclass(frozen=True)
+class GradientAlignment:
+    """Cosines between per-batch gradients taken at the same weights (see :func:`gradient_alignment`).
+
+    ``cross``: mean over pairs of batches from *different* sources; ``within``: mean over pairs of distinct
+    batches of the *same* source, the noise floor (what ``cross`` would be if the sources were one
+    distribution); ``cross_of_means``: mean over source pairs of the cosine of their mean gradients.
+    ``pairs[(a, b)]`` (both orders) and ``within_by_source[s]`` break the means down.
+    """
+
+    cross: float
+    within: float
+    cross_of_means: float
+    pairs: dict[tuple[str, str], float]
+    within_by_source: dict[str, float]
+    n_batches: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        names = list(self.within_by_source)
+        return {
+            "cross": self.cross,
+            "within": self.within,
+            "cross_of_means": self.cross_of_means,
+            "pairs": {f"{a}__{b}": self.pairs[(a, b)] for i, a in enumerate(names) for b in names[i + 1 :]},
+            "within_by_source": dict(self.within_by_source),
+            "n_batches": dict(self.n_batches),
+        }
+
+
+def gradient_alignment(
+    model: nn.Module,
+    batches: Mapping[str, Sequence[Batch]],
+    loss_fn: Callable[[nn.Module, Batch], Tensor] = lm_loss,
+) -> GradientAlignment:
+    """Cross-source and within-source cosines of the gradients of fixed batches, all at the model's weights.
+
+    Unlike a training-time monitor (which, under Nexus, sees each micro-batch's gradient at a different
+    inner point and, under any optimizer, different random batches), this compares every model on the same
+    batches at one point, so two optimizers' values are like for like. Each batch's gradient is that of its
+    mean loss; cosines use the global vector over all trainable parameters (fp64). Needs >= 2 sources with
+    >= 2 batches each (the within-source floor needs two).
+    """
+    _check_batches(batches)
+    if len(batches) < 2 or any(len(bs) < 2 for bs in batches.values()):
+        raise ValueError(
+            "gradient_alignment needs >= 2 sources with >= 2 batches each (the within-source cosine is the "
+            f"noise floor), got { ({k: len(v) for k, v in batches.items()}) }"
+        )
+    names = list(batches)
+    with _inspection(model):
+        device = _device(model)
+        params = _trainable(model)
+        owners: list[str] = []
+        vectors: list[Tensor] = []
+        for name in names:
+            for batch in _to_device(batches[name], device):
+                grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
+                flat = [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                    for g, p in zip(grads, params)
+                ]
+                vectors.append(torch.cat(flat).cpu())
+                owners.append(name)
+    g = torch.stack(vectors)
+    gram = g @ g.T
+    norms = gram.diagonal().sqrt().clamp_min(1e-300)
+    cos = gram / norms[:, None] / norms[None, :]
+    index = {name: [i for i, o in enumerate(owners) if o == name] for name in names}
+
+    def block_mean(a: str, b: str) -> float:
+        values = [float(cos[i, j]) for i in index[a] for j in index[b] if i != j]
+        return sum(values) / len(values)
+
+    pairs: dict[tuple[str, str], float] = {}
+    means = {name: g[index[name]].mean(0) for name in names}
+    of_means = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pairs[(a, b)] = pairs[(b, a)] = block_mean(a, b)
+            ma, mb = means[a], means[b]
+            of_means.append(float(ma @ mb / (ma.norm() * mb.norm()).clamp_min(1e-300)))
+    unordered = [pairs[(a, b)] for i, a in enumerate(names) for b in names[i + 1 :]]
+    within = {name: block_mean(name, name) for name in names}
+    return GradientAlignment(
+        cross=sum(unordered) / len(unordered),
+        within=sum(within.values()) / len(within),
+        cross_of_means=sum(of_means) / len(of_means),
+        pairs=pairs,
+        within_by_source=within,
+        n_batches={name: len(index[name]) for name in names},
+    )
+
+
+def fine_tune_curve(
+    model: nn.Module,
+    train_batches: Sequence[Batch],
+    eval_batches: Sequence[Batch],
+    steps: int,
+    lr: float,
+    points: int = 4,
+    loss_fn: Callable[[nn.Module, Batch], Tensor] = lm_loss,
+) -> dict[int, float]:
+    """Loss on ``eval_batches`` while a copy of ``model`` is fine-tuned with Adam (``lr``, no weight decay)
+    on ``train_batches`` (cycled) for ``steps`` steps: ``{step: loss}`` at step 0 and ``points`` evenly spaced
+    steps up to ``steps``. The transfer measure: how fast a model adapts to a source it never trained on.
+    The model is left as it was (the copy runs in eval mode; the global RNG is not consumed)."""
+    if steps < 1 or points < 1 or not lr > 0 or not train_batches or not eval_batches:
+        raise ValueError(
+            f"fine_tune_curve needs steps >= 1, points >= 1, lr > 0 and batches, got steps={steps}, "
+            f"points={points}, lr={lr}, {len(train_batches)} train / {len(eval_batches)} eval batches"
+        )
+    marks = sorted({round(steps * (k + 1) / points) for k in range(points)})
+    with _inspection(model):
+        device = _device(model)
+        train, held = _to_device(train_batches, device), _to_device(eval_batches, device)
+        work = copy.deepcopy(model)
+        params = [w for w, p in zip(work.parameters(), model.parameters(), strict=True) if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        curve = {0: _mean_loss(work, loss_fn, held)}
+        for step in range(1, steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(work, train[(step - 1) % len(train)])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the transfer fine-tune diverged at step {step}; lower lr={lr}")
+            loss.backward()
+            optimizer.step()
+            if step in marks:
+                curve[step] = _mean_loss(work, loss_fn, held)
+        del work
+    return curve
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,26 +2,53 @@
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 from lightning_nexus_recipes.models.gpt import GPT, GPT_PRESETS, GPTConfig
+from lightning_nexus_recipes.models.hf import HFCausalLM, HFCausalLMConfig
+from lightning_nexus_recipes.models.litgpt import LitGPTConfig, LitGPTModel
 from lightning_nexus_recipes.models.llama import LLAMA_PRESETS, Llama, LlamaConfig
 
-ModelConfig = GPTConfig | LlamaConfig
+ModelConfig: TypeAlias = GPTConfig | LlamaConfig | LitGPTConfig | HFCausalLMConfig
+RecipeModel: TypeAlias = GPT | Llama | LitGPTModel | HFCausalLM
+"""What ``build_model`` returns; each has ``forward(idx) -> logits``, ``blocks`` (FSDP2 and compile units),
+``activation_checkpointing`` and ``reset_parameters`` (after meta-device init)."""
 
-__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "ModelConfig", "build_model", "size_table"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "HFCausalLM",
+    "HFCausalLMConfig",
+    "LitGPTConfig",
+    "LitGPTModel",
+    "Llama",
+    "LlamaConfig",
+    "ModelConfig",
+    "RecipeModel",
+    "build_model",
+    "size_table",
+]
+
+_MODEL_CLASSES: dict[type, Callable[[Any], RecipeModel]] = {
+    GPTConfig: GPT,
+    LlamaConfig: Llama,
+    LitGPTConfig: LitGPTModel,
+    HFCausalLMConfig: HFCausalLM,
+}
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """The model class for a config (GPT for ``GPTConfig``, Llama for ``LlamaConfig``)."""
-    if isinstance(config, GPTConfig):
-        return GPT(config)
-    if isinstance(config, LlamaConfig):
-        return Llama(config)
-    raise TypeError(f"expected GPTConfig or LlamaConfig, got {type(config).__name__}")
+def build_model(config: ModelConfig) -> RecipeModel:
+    """The model for a config: GPT, Llama, a litgpt GPT (``LitGPTConfig``) or a transformers causal LM
+    (``HFCausalLMConfig``; the zoo adapters need the ``litgpt`` / ``hf`` extras)."""
+    model_class = _MODEL_CLASSES.get(type(config))
+    if model_class is None:
+        names = ", ".join(c.__name__ for c in _MODEL_CLASSES)
+        raise TypeError(f"expected one of {names}, got {type(config).__name__}")
+    return model_class(config)
 
 
-def all_presets() -> list[ModelConfig]:
+def all_presets() -> list[GPTConfig | LlamaConfig]:
     return [GPTConfig(size=s) for s in GPT_PRESETS] + [LlamaConfig(size=s) for s in LLAMA_PRESETS]
 
 

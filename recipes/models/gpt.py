@@ -24,6 +24,23 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class GPTSizes:
+    """The sizes of a :class:`GPTConfig` once its preset has filled the unset ones (``GPTConfig.sizes``)."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+
+
+def _filled(value: int | None, name: str) -> int:
+    if value is None:  # only if set to None after construction: __post_init__ fills every unset size
+        raise ValueError(f"GPTConfig.{name} is None; give it a value or leave it unset to take the preset's")
+    return value
+
+
 @dataclass
 class GPTConfig:
     """Shape of a GPT-2 style model.
@@ -62,33 +79,47 @@ class GPTConfig:
         for key, value in GPT_PRESETS[self.size].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        sizes = self.sizes
+        if sizes.n_embd % sizes.n_head:
+            raise ValueError(f"GPTConfig.n_embd={sizes.n_embd} must be divisible by n_head={sizes.n_head}")
 
     @property
     def family(self) -> str:
         return "gpt"
 
+    @property
+    def sizes(self) -> GPTSizes:
+        """The size fields as ints (read them here: the fields themselves are ``int | None`` for the preset)."""
+        return GPTSizes(
+            n_layer=_filled(self.n_layer, "n_layer"),
+            n_head=_filled(self.n_head, "n_head"),
+            n_embd=_filled(self.n_embd, "n_embd"),
+            block_size=_filled(self.block_size, "block_size"),
+            vocab_size=_filled(self.vocab_size, "vocab_size"),
+        )
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count from the shapes alone (no model is built)."""
-        d, b = self.n_embd, int(self.bias)
+        s = self.sizes
+        d, b = s.n_embd, int(self.bias)
         attn = d * 3 * d + b * 3 * d + d * d + b * d
         mlp = d * 4 * d + b * 4 * d + 4 * d * d + b * d
         norms = 2 * (d + b * d)
-        blocks = self.n_layer * (attn + mlp + norms)
+        blocks = s.n_layer * (attn + mlp + norms)
         final_norm = d + b * d
         if non_embedding:
             return blocks + final_norm
-        embed = self.vocab_size * d + self.block_size * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
+        embed = s.vocab_size * d + s.block_size * d
+        head = 0 if self.tie_embeddings else s.vocab_size * d
         return embed + blocks + final_norm + head
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B convention:
         6 per matmul weight plus the attention score/value products (12·L·d·T, causal masking not credited)."""
-        t = seq_len or self.block_size
-        matmul_params = self.num_params(non_embedding=True) + self.vocab_size * self.n_embd  # head matmul
-        return 6.0 * matmul_params + 12.0 * self.n_layer * self.n_embd * t
+        s = self.sizes
+        t = seq_len or s.block_size
+        matmul_params = self.num_params(non_embedding=True) + s.vocab_size * s.n_embd  # head matmul
+        return 6.0 * matmul_params + 12.0 * s.n_layer * s.n_embd * t
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -97,10 +128,11 @@ class GPTConfig:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        d = config.sizes.n_embd
+        self.n_head = config.sizes.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)
+        self.c_proj = nn.Linear(d, d, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,8 +147,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        d = config.sizes.n_embd
+        self.c_fc = nn.Linear(d, 4 * d, bias=config.bias)
+        self.c_proj = nn.Linear(4 * d, d, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,9 +159,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.sizes.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.sizes.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -149,12 +182,13 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        s = config.sizes
+        self.wte = nn.Embedding(s.vocab_size, s.n_embd)
+        self.wpe = nn.Embedding(s.block_size, s.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(s.n_layer))
+        self.ln_f = nn.LayerNorm(s.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(s.n_embd, s.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.activation_checkpointing = False
@@ -164,9 +198,10 @@ class GPT(nn.Module):
         """GPT-2 init; residual projections scaled by 1/sqrt(2·n_layer) so the residual stream's
         variance does not grow with depth. Called again after meta-device materialization (FSDP2)."""
         std = 0.02
+        n_layer = self.config.sizes.n_layer
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
+                scale = 1 / math.sqrt(2 * n_layer) if name.endswith("c_proj") else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -180,11 +215,9 @@ class GPT(nn.Module):
 
     def features(self, idx: Tensor) -> Tensor:
         """Final normalized hidden states ``[B, T, n_embd]``: what the output head reads (probes use them)."""
-        T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {T} exceeds the model context length block_size={self.config.block_size}"
-            )
+        T, block_size = idx.shape[1], self.config.sizes.block_size
+        if T > block_size:
+            raise ValueError(f"sequence length {T} exceeds the model context length block_size={block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:

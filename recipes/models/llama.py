@@ -33,6 +33,29 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class LlamaSizes:
+    """The sizes of a :class:`LlamaConfig` once its preset has filled the unset ones (``LlamaConfig.sizes``)."""
+
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    intermediate_size: int
+    block_size: int
+    vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _filled(value: int | None, name: str) -> int:
+    if value is None:  # only if set to None after construction: __post_init__ fills every unset size
+        raise ValueError(f"LlamaConfig.{name} is None; give it a value or leave it unset to take the preset's")
+    return value
+
+
 @dataclass
 class LlamaConfig:
     """Shape of a Llama style model.
@@ -75,37 +98,53 @@ class LlamaConfig:
         for key, value in LLAMA_PRESETS[self.size].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"LlamaConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"LlamaConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"LlamaConfig: head dim n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        s = self.sizes
+        if s.n_embd % s.n_head:
+            raise ValueError(f"LlamaConfig.n_embd={s.n_embd} must be divisible by n_head={s.n_head}")
+        if s.n_head % s.n_kv_head:
+            raise ValueError(f"LlamaConfig.n_kv_head={s.n_kv_head} must divide n_head={s.n_head}")
+        if s.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head dim n_embd/n_head={s.head_dim} must be even for RoPE")
 
     @property
     def family(self) -> str:
         return "llama"
 
     @property
+    def sizes(self) -> LlamaSizes:
+        """The size fields as ints (read them here: the fields themselves are ``int | None`` for the preset)."""
+        return LlamaSizes(
+            n_layer=_filled(self.n_layer, "n_layer"),
+            n_head=_filled(self.n_head, "n_head"),
+            n_kv_head=_filled(self.n_kv_head, "n_kv_head"),
+            n_embd=_filled(self.n_embd, "n_embd"),
+            intermediate_size=_filled(self.intermediate_size, "intermediate_size"),
+            block_size=_filled(self.block_size, "block_size"),
+            vocab_size=_filled(self.vocab_size, "vocab_size"),
+        )
+
+    @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.sizes.head_dim
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count from the shapes alone (no model is built)."""
-        d, kv = self.n_embd, self.n_kv_head * self.head_dim
+        s = self.sizes
+        d, kv = s.n_embd, s.n_kv_head * s.head_dim
         attn = d * d + 2 * d * kv + d * d  # q, k, v, o (no biases)
-        mlp = 3 * d * self.intermediate_size  # gate, up, down
-        blocks = self.n_layer * (attn + mlp + 2 * d)  # + two RMSNorm weights
+        mlp = 3 * d * s.intermediate_size  # gate, up, down
+        blocks = s.n_layer * (attn + mlp + 2 * d)  # + two RMSNorm weights
         if non_embedding:
             return blocks + d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + blocks + d + head
+        head = 0 if self.tie_embeddings else s.vocab_size * d
+        return s.vocab_size * d + blocks + d + head
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token, PaLM appendix B convention (see ``GPTConfig.flops_per_token``)."""
-        t = seq_len or self.block_size
-        matmul_params = self.num_params(non_embedding=True) + self.vocab_size * self.n_embd
-        return 6.0 * matmul_params + 12.0 * self.n_layer * self.n_embd * t
+        s = self.sizes
+        t = seq_len or s.block_size
+        matmul_params = self.num_params(non_embedding=True) + s.vocab_size * s.n_embd
+        return 6.0 * matmul_params + 12.0 * s.n_layer * s.n_embd * t
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -143,11 +182,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        s = config.sizes
+        self.n_head, self.n_kv_head, self.head_dim = s.n_head, s.n_kv_head, s.head_dim
+        self.q_proj = nn.Linear(s.n_embd, s.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(s.n_embd, s.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(s.n_embd, s.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(s.n_head * self.head_dim, s.n_embd, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -162,9 +202,10 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        d, hidden = config.sizes.n_embd, config.sizes.intermediate_size
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -173,9 +214,9 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn_norm = RMSNorm(config.sizes.n_embd, config.norm_eps)
         self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp_norm = RMSNorm(config.sizes.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -193,17 +234,21 @@ class Llama(nn.Module):
         torch.Size([2, 8, 256])
     """
 
+    rope_cos: Tensor
+    rope_sin: Tensor
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        s = config.sizes
+        self.embed = nn.Embedding(s.vocab_size, s.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(s.n_layer))
+        self.norm = RMSNorm(s.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(s.n_embd, s.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Non-persistent buffers: recomputed, never checkpointed, and FSDP2 leaves them unsharded.
-        cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
+        cos, sin = rope_cache(s.block_size, s.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
@@ -213,18 +258,17 @@ class Llama(nn.Module):
         """Normal(0, 0.02) weights, residual projections scaled by 1/sqrt(2·n_layer); also rebuilds the
         RoPE tables, which are garbage after a meta-device model is materialized with ``to_empty``."""
         std = 0.02
+        s = self.config.sizes
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1.0
+                scale = 1 / math.sqrt(2 * s.n_layer) if name.endswith(("o_proj", "down_proj")) else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
         if self.rope_cos.device.type != "meta":
-            cos, sin = rope_cache(
-                self.config.block_size, self.config.head_dim, self.config.rope_base, self.rope_cos.device
-            )
+            cos, sin = rope_cache(s.block_size, s.head_dim, self.config.rope_base, self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
@@ -233,11 +277,9 @@ class Llama(nn.Module):
 
     def features(self, idx: Tensor) -> Tensor:
         """Final normalized hidden states ``[B, T, n_embd]``: what the output head reads (probes use them)."""
-        T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {T} exceeds the model context length block_size={self.config.block_size}"
-            )
+        T, block_size = idx.shape[1], self.config.sizes.block_size
+        if T > block_size:
+            raise ValueError(f"sequence length {T} exceeds the model context length block_size={block_size}")
         x = self.embed(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for block in self.blocks:

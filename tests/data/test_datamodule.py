@@ -109,7 +109,7 @@ def test_user_sources_text_jsonl_litdata(tmp_path):
     specs = [
         SourceSpec(name="txt", paths=[str(tmp_path / "t" / "*.txt")]),
         {"name": "js", "paths": [str(tmp_path / "d.jsonl")], "format": "jsonl", "jsonl_field": "body", "weight": 2.0},
-        SourceSpec(name="lit", paths=[str(tmp_path / "lit" / "data")], format="litdata", role="ood"),
+        SourceSpec(name="lit", paths=[str(tmp_path / "lit" / "data")], format="litdata", role="ood", tokenizer="byte"),
     ]
     dm = MixedSourceDataModule(
         sources=specs, block_size=16, batch_size=2, cache_dir=str(tmp_path / "c"), val_batches_per_source=1
@@ -185,7 +185,7 @@ def test_block_size_longer_than_stream(tmp_path):
 
 def test_bad_jsonl(tmp_path):
     p = _write(tmp_path, "x.jsonl", '{"text": "ok"}\n{"content": "wrong field"}\n')
-    with pytest.raises(SourceError, match=r"source 'j'.*x.jsonl:2 has no field 'text'; set jsonl_field"):
+    with pytest.raises(SourceError, match=r"source 'j'.*x.jsonl:2 has no field 'text'; set field"):
         MixedSourceDataModule(sources=[SourceSpec("j", [p], format="jsonl")], cache_dir=str(tmp_path)).setup()
     p = _write(tmp_path, "y.jsonl", '{"text": "ok"}\nnot json\n')
     with pytest.raises(SourceError, match=r"y.jsonl:2 is not valid JSON"):
@@ -196,7 +196,8 @@ def test_litdata_dir_that_is_not_litdata(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(FileNotFoundError, match=r"source 'l'.*no index.json"):
         MixedSourceDataModule(
-            sources=[SourceSpec("l", [str(tmp_path / "d")], format="litdata")], cache_dir=str(tmp_path)
+            sources=[SourceSpec("l", [str(tmp_path / "d")], format="litdata", tokenizer="byte")],
+            cache_dir=str(tmp_path),
         ).setup()
 
 

@@ -4,8 +4,8 @@ several fits can share one process group): FSDP1 (NexusFSDPStrategy) on 2 CPU ra
 Each scenario trains MLPModule (the single-process reference's module) for one epoch, rank r on batches
 r, r+2, ..., and saves the gathered full parameters, the global step and the logged nexus metrics per window
 to OUT/{scenario}_rank{r}.pt. Scenario "save" also writes OUT/mid.ckpt at local batch 4 (mid-window for
-K=3) and the window's gathered anchor to OUT/anchor.pt; "resume" starts from OUT/mid.ckpt and also saves the
-parameters it started from.
+K=3), the window's gathered anchor to OUT/anchor.pt and its inner point θ_2 to OUT/inner.pt; "resume" starts
+from OUT/mid.ckpt and also saves the parameters it started from.
 
 Usage: fsdp1_worker.py OUT SCENARIO [SCENARIO ...]
 """
@@ -86,6 +86,9 @@ class _SaveMidWindow(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == 4:  # θ is two inner steps away from the anchor here
+            inner = full_params(trainer.strategy.model)  # θ_2: where a resumed run must continue the window
+            if trainer.global_rank == 0:
+                torch.save(inner, self.out / "inner.pt")
             trainer.save_checkpoint(self.out / "mid.ckpt")
 
 

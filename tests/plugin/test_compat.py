@@ -149,9 +149,50 @@ def test_attached_trainer(tmp_path):
     assert _compat.attached_trainer(model) is trainer
 
 
+def test_trainer_callbacks_is_the_list_lightning_calls_hooks_from(tmp_path):
+    calls = []
+
+    class Record(Callback):
+        def on_train_start(self, trainer, pl_module):
+            calls.append("train_start")
+
+    trainer = Trainer(
+        default_root_dir=tmp_path, max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    _compat.trainer_callbacks(trainer).append(Record())
+    trainer.fit(BoringModel())
+    assert calls == ["train_start"]
+
+
+def test_trainer_log_every_n_steps_is_the_resolved_setting(tmp_path):
+    assert _compat.trainer_log_every_n_steps(Trainer(default_root_dir=tmp_path, log_every_n_steps=7)) == 7
+    assert _compat.trainer_log_every_n_steps(Trainer(default_root_dir=tmp_path)) == 50
+    assert _compat.trainer_log_every_n_steps(Trainer(default_root_dir=tmp_path, barebones=True)) == 0
+
+
 def test_upstream_changed_names_the_attribute():
     class Bare:
         pass
 
     with pytest.raises(_compat.UpstreamChanged, match="_logger_connector.should_update_logs"):
         _compat.logger_will_write(Bare())  # type: ignore[arg-type]
+
+
+def test_fabric_forward_module_is_the_ddp_wrapper_or_the_plain_module():
+    import torch.distributed as dist
+    from lightning.fabric import Fabric
+    from lightning.fabric.wrappers import _FabricModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    net = torch.nn.Linear(2, 2)
+    assert _compat.fabric_forward_module(fabric.setup_module(net)) is net
+    # under DDP, Fabric forwards through the DistributedDataParallel it wrapped the module in (whose gradient
+    # sync NexusFabric switches): built here as Fabric's DDP strategy does, on a one-process gloo group
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(net)
+        assert _compat.fabric_forward_module(_FabricModule(ddp, fabric.strategy, original_module=net)) is ddp
+    finally:
+        dist.destroy_process_group()

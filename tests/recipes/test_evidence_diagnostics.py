@@ -21,7 +21,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_nexus_recipes.evidence.diagnostics import (
     FineTuneDistances,
     TraceEstimate,
+    fine_tune_curve,
     fine_tune_distances,
+    gradient_alignment,
     hutchinson_trace,
     lm_loss,
     per_source_traces,
@@ -442,3 +444,105 @@ def test_cuda_trace_matches_exact_cpu_hessian_and_rng_untouched():
     assert torch.equal(torch.cuda.get_rng_state(), rng)
     assert abs(est.mean - float(torch.trace(H))) < 4 * hutchinson_std(H) / math.sqrt(n)
     assert res.to_start["a"] > 0 and all(drop > 0 for drop in res.loss_drop.values())
+
+
+# ------------------------------------------------------------------------------- gradient alignment
+
+
+def _squared_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return (model(batch["x"]).squeeze(-1) - batch["y"]).square().mean()
+
+
+def test_gradient_alignment_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    w = model.weight.detach().numpy().ravel().copy()
+    gen = torch.Generator().manual_seed(1)
+    batches = {
+        s: [
+            {"x": torch.randn(5, 3, generator=gen, dtype=DT), "y": torch.randn(5, generator=gen, dtype=DT)}
+            for _ in range(k)
+        ]
+        for s, k in (("a", 2), ("b", 3), ("c", 2))
+    }
+    # by hand: the gradient of mean((w.x - y)^2) is (2/n) sum (w.x_i - y_i) x_i
+    grads = {
+        s: [2 * ((b["x"].numpy() @ w - b["y"].numpy())[:, None] * b["x"].numpy()).mean(0) for b in bs]
+        for s, bs in batches.items()
+    }
+
+    def cos(u, v):
+        return float(u @ v / math.sqrt((u @ u) * (v @ v)))
+
+    names = list(grads)
+    pair = {
+        (a, b): sum(cos(u, v) for u in grads[a] for v in grads[b]) / (len(grads[a]) * len(grads[b]))
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
+    within = {
+        s: sum(cos(g[i], g[j]) for i in range(len(g)) for j in range(len(g)) if i != j) / (len(g) * (len(g) - 1))
+        for s, g in grads.items()
+    }
+    means = {s: sum(g) / len(g) for s, g in grads.items()}
+    of_means = sum(cos(means[a], means[b]) for a, b in pair) / len(pair)
+
+    before = copy.deepcopy(model.state_dict())
+    got = gradient_alignment(model, batches, loss_fn=_squared_loss)
+    assert got.cross == pytest.approx(sum(pair.values()) / len(pair), abs=1e-12)
+    assert got.within == pytest.approx(sum(within.values()) / len(within), abs=1e-12)
+    assert got.cross_of_means == pytest.approx(of_means, abs=1e-12)
+    for (a, b), v in pair.items():
+        assert got.pairs[(a, b)] == got.pairs[(b, a)] == pytest.approx(v, abs=1e-12)
+    assert got.within_by_source == pytest.approx(within, abs=1e-12) and got.n_batches == {"a": 2, "b": 3, "c": 2}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.weight.grad is None
+    assert json.loads(json.dumps(got.to_dict()))["pairs"]["a__b"] == pytest.approx(pair[("a", "b")])
+
+
+def test_gradient_alignment_refuses_a_single_batch_per_source():
+    model = nn.Linear(3, 1, bias=False).double()
+    one = {"x": torch.ones(2, 3, dtype=DT), "y": torch.zeros(2, dtype=DT)}
+    with pytest.raises(ValueError, match="noise floor"):
+        gradient_alignment(model, {"a": [one, one], "b": [one]}, loss_fn=_squared_loss)
+
+
+def test_fine_tune_curve_follows_a_hand_written_adam_loop_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    gen = torch.Generator().manual_seed(2)
+    train = [
+        {"x": torch.randn(4, 3, generator=gen, dtype=DT), "y": torch.randn(4, generator=gen, dtype=DT)}
+        for _ in range(3)
+    ]
+    held = [{"x": torch.randn(6, 3, generator=gen, dtype=DT), "y": torch.randn(6, generator=gen, dtype=DT)}]
+    before = copy.deepcopy(model.state_dict())
+
+    # reference: Adam written out (bias-corrected moments, beta 0.9/0.999, eps 1e-8), on functional parameters
+    params = [p.detach().clone() for p in model.parameters()]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    lr, expected = 0.05, {}
+
+    def held_loss(ps):
+        return float(((held[0]["x"] @ ps[0].T).squeeze(-1) + ps[1] - held[0]["y"]).square().mean())
+
+    expected[0] = held_loss(params)
+    for t in range(1, 7):
+        b = train[(t - 1) % 3]
+        ps = [p.requires_grad_(True) for p in params]
+        loss = ((b["x"] @ ps[0].T).squeeze(-1) + ps[1] - b["y"]).square().mean()
+        grads = torch.autograd.grad(loss, ps)
+        with torch.no_grad():
+            for i, g in enumerate(grads):
+                m[i] = 0.9 * m[i] + 0.1 * g
+                v[i] = 0.999 * v[i] + 0.001 * g * g
+                mhat, vhat = m[i] / (1 - 0.9**t), v[i] / (1 - 0.999**t)
+                params[i] = (ps[i] - lr * mhat / (vhat.sqrt() + 1e-8)).detach()
+        if t in (2, 4, 6):
+            expected[t] = held_loss(params)
+
+    curve = fine_tune_curve(model, train, held, steps=6, lr=lr, points=3, loss_fn=_squared_loss)
+    assert sorted(curve) == [0, 2, 4, 6]
+    for step, loss in expected.items():
+        assert curve[step] == pytest.approx(loss, rel=1e-10)
+    assert all(torch.equal(before[k], w) for k, w in model.state_dict().items())

@@ -59,6 +59,13 @@ def test_overhead_benchmark_runs_and_reports_a_ratio():
     assert low == high  # one round: the per-round range is that round's ratio
 
 
+def test_fabric_overhead_benchmark_runs_and_reports_a_ratio():
+    proc = _run_module("benchmarks.fabric_overhead_cpu", "--steps", "1", "--repeats", "1", "--block", "32")
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["benchmark"] == "fabric_overhead_cpu"
+    assert record["ratio_nexus_over_plain"] > 0 and record["tokens_per_s_plain"] > 0
+
+
 def test_throughput_harness_reports_every_field_for_both_loops(tmp_path, capsys):
     # In-process (main() restores the settings it changes): a fresh interpreter would spend most of this
     # test importing torch and Lightning. The `python -m benchmarks...` entry is exercised above.

@@ -1,6 +1,11 @@
 """The runner's resume rule: finished runs are kept only while the experiment file still gives their config."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from lightning_nexus.tools.experiment.runner import (
     fit_config,
     run_dir,
     run_experiment,
+    runner_lock,
 )
 
 BASE = {
@@ -86,3 +92,99 @@ def test_cli_refuses_a_changed_arm_before_training_and_deletes_nothing(finished,
     assert "nexus/seed0" in str(exit_.value) and "init_args" in str(exit_.value)
     assert "adamw/seed0" not in str(exit_.value)  # only the arm that changed is named
     assert sorted(p.relative_to(finished) for p in (finished / "out").rglob("*")) == before
+
+
+# ---------------------------------------------------------------------- nothing outlives the runner
+ROOT = Path(__file__).resolve().parents[2]
+_FAMILY = """
+import os, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {grandchild.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(300)
+"""
+_RUNNER = """
+import sys
+from lightning_nexus.tools.experiment.runner import forward_stop_signals, run_supervised
+with forward_stop_signals():
+    run_supervised([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _start_runner(tmp_path):
+    pids = tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runner = subprocess.Popen([sys.executable, "-c", _RUNNER, _FAMILY, str(pids)], env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not pids.exists():
+        assert runner.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    child, grandchild = map(int, pids.read_text().split())
+    assert _alive(child) and _alive(grandchild)
+    return runner, child, grandchild
+
+
+def _gone(pids, timeout=15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killing_the_runner_leaves_no_orphan(tmp_path, sig):
+    """The runner is a real process killed with SIGKILL (parent-death signal) or SIGTERM (forwarded): its fit
+    child and the child's own child (as DDP ranks or loader workers would be) are gone within seconds."""
+    runner, child, grandchild = _start_runner(tmp_path)
+    supervisor_pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(int(p)) == runner.pid]
+    os.kill(runner.pid, getattr(signal, sig))
+    code = runner.wait(timeout=30)
+    assert code == (-signal.SIGKILL if sig == "SIGKILL" else 128 + signal.SIGTERM)
+    assert _gone([child, grandchild, *supervisor_pids]) == []
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def test_a_second_runner_on_the_same_directory_is_refused(finished):
+    out = finished / "out"
+    (out / "runs" / "nexus" / "seed0" / RESULT_FILE).unlink()  # one run left to train
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from lightning_nexus.tools.experiment.runner import "
+            "runner_lock\nwith runner_lock(Path(sys.argv[1])):\n    Path(sys.argv[1], 'held').touch(); time.sleep(60)",
+            str(out),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        while not (out / "held").exists():
+            assert holder.poll() is None
+            time.sleep(0.05)
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", str(finished / "exp.yaml"), "--out", str(out)])
+        assert f"another experiment runner (pid {holder.pid}" in str(exit_.value)
+        assert "--out" in str(exit_.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the lock with the holder: the next runner gets it
+    with runner_lock(out):
+        pass

@@ -15,7 +15,13 @@ import sys
 
 from lightning_nexus.tools.experiment.config import ExperimentConfig, ExperimentConfigError, load_experiment
 from lightning_nexus.tools.experiment.report import write_report
-from lightning_nexus.tools.experiment.runner import StaleRunError, check_finished_runs, load_results, run_experiment
+from lightning_nexus.tools.experiment.runner import (
+    RunnerLockedError,
+    StaleRunError,
+    check_finished_runs,
+    load_results,
+    run_experiment,
+)
 
 __all__ = [
     "ExperimentConfig",
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             check_finished_runs(cfg)
         else:
             failures = run_experiment(cfg)
-    except StaleRunError as err:
+    except (StaleRunError, RunnerLockedError) as err:
         raise SystemExit(f"error: {err}") from None
     results = load_results(cfg)
     if not results:

@@ -18,6 +18,7 @@ mean ± 95% CI half-width (Student t, n−1 degrees of freedom).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from statistics import mean, stdev
 from typing import Any
@@ -77,12 +78,12 @@ class Estimate:
     n: int
 
     @staticmethod
-    def of(values: list[float]) -> Estimate | None:
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        if not values:
+    def of(values: Iterable[float | None]) -> Estimate | None:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if not finite:
             return None
-        ci = t975(len(values) - 1) * stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-        return Estimate(mean(values), ci, len(values))
+        ci = t975(len(finite) - 1) * stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else math.nan
+        return Estimate(mean(finite), ci, len(finite))
 
     @property
     def excludes_zero(self) -> bool:
@@ -204,7 +205,7 @@ def matched_own_schedules(results: list[dict[str, Any]], reference: str, tol: fl
         if arm == reference:
             continue
         values: dict[str, list[float]] = {}
-        deltas: dict[str, list[float]] = {}
+        deltas: dict[str, list[float | None]] = {}
         flagged, notes = [], []
         for seed, run in sorted(_by_seed(results, arm).items()):
             ladder = ladders.get(seed, [])
@@ -252,9 +253,11 @@ def matched_along_trajectory(
         levels[seed] = level
         for arm in arms:
             evals = [e for e in per_arm[arm][seed]["evals"] if LOSS in e]
-            keys = {k for e in evals for k in e if k not in ("step",)}
+            eval_keys = {k for e in evals for k in e if k not in ("step",)}
             interpolated[arm][seed] = {
-                k: v for k in keys if (v := interpolate([(e[LOSS], e[k]) for e in evals if k in e], level)) is not None
+                k: v
+                for k in eval_keys
+                if (v := interpolate([(e[LOSS], e[k]) for e in evals if k in e], level)) is not None
             }
     out = []
     for arm in arms:

@@ -11,11 +11,28 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from lightning_nexus.tools.compare import _pyplot
 from lightning_nexus.tools.experiment.analysis import LOSS, Comparison, Estimate, analyse, arms_in
+from lightning_nexus.tools.plotting import pyplot, save
 
 HEADLINE = [LOSS, "val/loss/ood"]
 """Columns of the main tables, before the probes (``probe/*``)."""
+HEADLINE_METRICS = (
+    "val/loss/ood",
+    "probe/",
+    "diag/transfer/mean",
+    "diag/hessian_trace/all",
+    "diag/finetune/spread_ratio",
+)
+"""Metrics (prefixes) the headline states for every arm, where the runs have them."""
+DIAGNOSTICS = ("diag/", "grad_cosine/", "val/grad_cosine/", "steps_to_optimum")
+"""Metrics (prefixes) of the diagnostics tables."""
+COSINES_NOTE = (
+    "`grad_cosine/end` is the training-time monitor (`nexus/grad_cosine/mean`, last fifth of training): under Nexus it "
+    "takes each micro-batch's gradient at a different inner point, under AdamW at the window's start, on different "
+    "random batches, so arms are not compared like for like. `val/grad_cosine/*` and `diag/grad_alignment/*` (where "
+    "present) are like for like: every arm's gradients of the same fixed validation batches at its own current "
+    "weights; `cross` is between sources, `within` between batches of one source (the noise floor)."
+)
 
 
 def _fmt(e: Estimate | None, digits: int = 4) -> str:
@@ -55,17 +72,21 @@ def comparison_table(
     return "\n".join(lines)
 
 
-def headline(summary: dict[str, Any]) -> list[str]:
-    """One sentence per arm and metric of the matched-loss (own schedules) comparison, as measured."""
+def headline(summary: dict[str, Any], table: str = "matched_own_schedules") -> list[str]:
+    """One sentence per arm and metric of one comparison (default: matched loss, own schedules), as measured."""
     lines = []
-    for c in summary["matched_own_schedules"]:
+    for c in summary[table]:
+        if c.arm == summary["reference"]:
+            continue
         parts = []
-        for key in _columns([c], ("val/loss/ood", "probe/")):
+        for key in _columns([c], HEADLINE_METRICS):
             d = c.deltas.get(key)
             if d is None:
                 continue
             if not math.isfinite(d.ci):
                 verdict = "one seed: no confidence interval"
+            elif d.excludes_zero and key.startswith("diag/"):
+                verdict = "lower" if d.mean < 0 else "higher"  # no better/worse: a diagnostic, not a score
             elif d.excludes_zero:
                 verdict = "better" if (d.mean < 0) == key.startswith("val/") else "worse"
             else:
@@ -92,7 +113,12 @@ def write_report(
         "probes.png": plot_bars(summary["equal_steps"], ("probe/",), "accuracy", out_dir / "probes.png"),
         "diagnostics.png": plot_bars(summary["equal_steps"], ("diag/",), "value", out_dir / "diagnostics.png"),
         "grad_cosine.png": plot_grad_cosine(results, out_dir / "grad_cosine.png"),
+        "grad_alignment.png": plot_grad_alignment(results, out_dir / "grad_alignment.png"),
     }
+    # Without a reference ladder there is no loss-matched headline; at a known optimum (every arm converged,
+    # the loss flags empty) equal steps *is* equal loss, so the headline states that comparison instead.
+    own = headline(summary)
+    fallback = [] if own else headline(summary, "equal_steps")
     seeds = summary["seeds"]
     wall = sum(r["wall_s"] for r in results)
     import torch
@@ -108,12 +134,11 @@ def write_report(
         f"- reference arm: `{reference}`; Δ = arm − reference per seed, mean ± 95% CI over seeds (Student t); "
         f"**bold** where the CI excludes 0. Loss tolerance for matching: {tol}.",
         "",
-        "## Headline (matched in-distribution loss, each run completing its own schedule)",
+        "## Headline (matched in-distribution loss, each run completing its own schedule)"
+        if own or not fallback
+        else f"## Headline (equal steps; the loss is matched where no seed is flagged as differing by more than {tol})",
         "",
-        *(
-            headline(summary)
-            or ["- not available: the reference arm needs at least two budgets per seed (see Problems)"]
-        ),
+        *(own or fallback or ["- not available: the reference arm needs at least two budgets per seed (see Problems)"]),
         "",
         "## 1. Matched loss, own schedules",
         "",
@@ -141,11 +166,13 @@ def write_report(
         "At matched loss (own schedules, as in section 1): the reference ladder's diagnostics interpolated at "
         "each arm's final loss, so that a difference is not just more or less training.",
         "",
-        comparison_table(summary["matched_own_schedules"], reference, prefixes=("diag/", "grad_cosine/")),
+        comparison_table(summary["matched_own_schedules"], reference, prefixes=DIAGNOSTICS),
         "",
         "At equal steps:",
         "",
-        comparison_table(summary["equal_steps"], reference, prefixes=("diag/", "grad_cosine/")),
+        comparison_table(summary["equal_steps"], reference, prefixes=DIAGNOSTICS),
+        "",
+        COSINES_NOTE,
         "",
         "## Plots",
         "",
@@ -196,7 +223,7 @@ def plot_ood_vs_loss(results: list[dict[str, Any]], reference: str, path: Path) 
     """OOD loss against in-distribution loss at every evaluation, per arm; the reference's budget ends as dots."""
     if not any("val/loss/ood" in e for r in results for e in r["evals"]):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = {arm: f"C{i % 10}" for i, arm in enumerate(arms_in(results))}
     for arm in arms_in(results):
@@ -215,18 +242,19 @@ def plot_ood_vs_loss(results: list[dict[str, Any]], reference: str, path: Path) 
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     ax.set_title("OOD vs in-distribution loss (all seeds)")
-    return _save(fig, plt, path)
+    return save(fig, path, dpi=110)
 
 
 def plot_bars(comparisons: list[Comparison], prefixes: tuple[str, ...], ylabel: str, path: Path) -> bool:
     keys = sorted({k for c in comparisons for k in c.values if k.startswith(prefixes)})
     if not keys:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        arms = [c.arm for c in comparisons if c.values.get(key)]
-        vals = [c.values[key] for c in comparisons if c.values.get(key)]
+        present = [(c.arm, v) for c in comparisons if (v := c.values.get(key)) is not None]
+        arms = [arm for arm, _ in present]
+        vals = [v for _, v in present]
         ax.bar(
             range(len(arms)),
             [v.mean for v in vals],
@@ -238,14 +266,14 @@ def plot_bars(comparisons: list[Comparison], prefixes: tuple[str, ...], ylabel: 
         ax.set_title(key, fontsize=8)
         ax.set_ylabel(ylabel)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save(fig, path, dpi=110)
 
 
 def plot_grad_cosine(results: list[dict[str, Any]], path: Path) -> bool:
     series = [r for r in results if r["budget"] == 1.0 and r.get("series", {}).get("nexus/grad_cosine/mean")]
     if not series:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, arm in enumerate(arms_in(series)):
         runs = [r["series"]["nexus/grad_cosine/mean"] for r in series if r["arm"] == arm]
@@ -256,10 +284,30 @@ def plot_grad_cosine(results: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("mean cross-source gradient cosine")
     ax.legend(fontsize=7)
-    return _save(fig, plt, path)
+    return save(fig, path, dpi=110)
 
 
-def _save(fig, plt, path: Path) -> bool:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return True
+def plot_grad_alignment(results: list[dict[str, Any]], path: Path) -> bool:
+    """The like-for-like cosines at every evaluation, mean over seeds: cross-source (solid) and the
+    within-source noise floor (dashed), per arm."""
+    tags = ("val/grad_cosine/cross", "val/grad_cosine/within")
+    runs = [r for r in results if r["budget"] == 1.0 and any(tags[0] in e for e in r["evals"])]
+    if not runs:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, arm in enumerate(arms_in(runs)):
+        for tag, style in zip(tags, ("-", "--")):
+            points: dict[int, list[float]] = {}
+            for r in (x for x in runs if x["arm"] == arm):
+                for e in r["evals"]:
+                    if tag in e:
+                        points.setdefault(e["step"], []).append(e[tag])
+            steps = sorted(points)
+            label = f"{arm} ({tag.rsplit('/', 1)[1]})"
+            ax.plot(steps, [mean(points[s]) for s in steps], style, color=f"C{i % 10}", label=label)
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient cosine at the same weights (fixed batches)")
+    ax.legend(fontsize=6, ncol=2)
+    return save(fig, path, dpi=110)

@@ -15,6 +15,12 @@ is recorded in its ``fit.log`` and the others go on; the command exits non-zero 
 Runs are separate processes rather than calls in one interpreter: seeded global state (RNGs, thread
 pools, Lightning's process-level caches) cannot leak from one arm into the next, and with
 ``workers > 1`` runs of a tiny model use the cores better than one run with all threads.
+
+Nothing outlives the runner: each fit runs under ``supervise.py`` in its own process group, which is
+stopped when the runner receives SIGTERM/SIGINT (forwarded) or dies, even by SIGKILL (parent-death
+signal). A lock file (``fcntl.flock`` on ``out_dir/.runner.lock``, released by the kernel when the runner
+dies) refuses a second runner on the same output directory, which would otherwise retrain, and delete,
+the runs the first one is writing.
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -121,17 +130,14 @@ def train_one(cfg: ExperimentConfig, run: RunSpec, threads: int) -> dict[str, An
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
     with open(directory / "fit.log", "w") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lightning_nexus", "fit", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
+        returncode = run_supervised(
+            [sys.executable, "-m", "lightning_nexus", "fit", "--config", str(config_path)], stdout=log, env=env
         )
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = (directory / "fit.log").read_text(errors="replace").strip().splitlines()[-15:]
         raise RuntimeError(
-            f"{run.key}: exit code {proc.returncode} after {wall:.0f} s. Last lines of "
+            f"{run.key}: exit code {returncode} after {wall:.0f} s. Last lines of "
             f"{directory / 'fit.log'}:\n    " + "\n    ".join(tail)
         )
     result = collect_result(run, directory, wall)
@@ -185,9 +191,12 @@ def prepare_data(cfg: ExperimentConfig) -> None:
         "import sys; from lightning_nexus.tools.cli import NexusCLI; "
         "cli = NexusCLI(args=['--config', sys.argv[1]], run=False); cli.datamodule.prepare_data()"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError("preparing the data failed (no run was started):\n" + proc.stderr[-3000:])
+    with open(directory / "prepare.log", "w+") as log:
+        returncode = run_supervised([sys.executable, "-c", code, str(path)], stdout=log)
+        log.seek(0)
+        output = log.read()
+    if returncode != 0:
+        raise RuntimeError("preparing the data failed (no run was started):\n" + output[-3000:])
     shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -204,6 +213,12 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> list[str]:
     if not todo:
         return []
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    with runner_lock(cfg.out_dir), forward_stop_signals():
+        return _train_all(cfg, runs, todo, log)
+
+
+def _train_all(cfg: ExperimentConfig, runs: list[RunSpec], todo: list[RunSpec], log) -> list[str]:
+    shutil.rmtree(cfg.out_dir / "prepare", ignore_errors=True)  # left by a runner that was killed
     prepare_data(cfg)
     threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     failures: list[str] = []
@@ -238,6 +253,105 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> list[str]:
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         list(pool.map(one, todo))
     return failures
+
+
+# ---------------------------------------------------------------------- children that die with the runner
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+
+
+def start_supervised(
+    cmd: list[str], stdout: IO | int | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start ``cmd`` under ``supervise.py``: its own process group, stopped with the runner (see there)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_nexus.tools.experiment.supervise", str(os.getpid()), "--", *cmd],
+        stdout=stdout,
+        stderr=subprocess.STDOUT if stdout is not None else None,
+        env=env,
+        start_new_session=True,
+    )
+    with _children_lock:
+        _children.add(proc)
+    return proc
+
+
+def run_supervised(cmd: list[str], stdout: IO | int | None = None, env: dict[str, str] | None = None) -> int:
+    """``start_supervised`` and wait; returns the command's exit code."""
+    proc = start_supervised(cmd, stdout, env)
+    try:
+        return proc.wait()
+    finally:
+        with _children_lock:
+            _children.discard(proc)
+
+
+def stop_children() -> None:
+    """Ask every running supervisor to stop its process group (SIGTERM, then SIGKILL after its grace)."""
+    with _children_lock:
+        running = [p for p in _children if p.poll() is None]
+    for proc in running:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def forward_stop_signals() -> Iterator[None]:
+    """While training, SIGTERM/SIGINT of the runner stop its children first, then end the runner as usual.
+    Signal handlers can only be set from the main thread; elsewhere this does nothing (the parent-death
+    signal still covers a runner that dies)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        stop_children()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class RunnerLockedError(RuntimeError):
+    """Another experiment runner is using the output directory."""
+
+
+@contextmanager
+def runner_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir/.runner.lock`` (``fcntl.flock``) for the duration, or refuse: the kernel releases it when
+    the holder dies, so a killed runner never leaves a stale lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover  (Windows: no flock; run one runner per directory yourself)
+        yield
+        return
+    path = out_dir / ".runner.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunnerLockedError(
+                f"another experiment runner ({holder}) is training into {out_dir}; a second one would retrain, "
+                "and delete, the runs it is writing. Wait for it to finish (or stop it), or pass another --out."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_results(cfg: ExperimentConfig) -> list[dict[str, Any]]:
