@@ -12,7 +12,7 @@ from lightning.fabric.plugins.precision import MixedPrecision
 
 from lightning_nexus import Nexus
 from lightning_nexus.fabric import NexusFabric
-from tests.helpers import assert_params_close, make_mlp, reference_nexus_training
+from tests.helpers import assert_params_close, make_mlp, reference_nexus_training, reference_window_mode_training
 
 ROOT = Path(__file__).resolve().parents[2]
 K, N, INNER_LR = 3, 12, 0.1
@@ -185,36 +185,6 @@ def test_core_refuses_the_scale_counted_twice():
 
 
 # ---------------------------------------------------------------- 2 processes (gloo)
-def reference_window_mode(batches, world=2):
-    """Each rank runs its own inner trajectory from the shared θ0 on its slice; the outer step gets the mean G."""
-    module = RefModule()
-    opt = module.configure_optimizers()
-    params = list(module.net.parameters())
-    per_rank = [batches[r::world] for r in range(world)]
-    for start in range(0, len(per_rank[0]), K):
-        theta0 = [p.detach().clone() for p in params]
-        total = [torch.zeros_like(p) for p in params]
-        for r in range(world):
-            with torch.no_grad():
-                for p, t in zip(params, theta0):
-                    p.copy_(t)
-            window = per_rank[r][start : start + K]
-            for x in window:
-                module.zero_grad()
-                module.training_step(x, 0).backward()
-                norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).float()
-                with torch.no_grad():
-                    for p, s in zip(params, total):
-                        s.add_(p.grad / norm / (len(window) * world))
-                        p.sub_(INNER_LR * p.grad / norm)
-        with torch.no_grad():
-            for p, t, g in zip(params, theta0, total):
-                p.copy_(t)
-                p.grad = g
-        opt.step()
-    return [p.detach().clone() for p in params]
-
-
 def run_worker(out, precision):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(30500 + os.getpid() % 1000)}
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -257,7 +227,9 @@ def test_fabric_sync_every_equals_one_process_on_the_global_micro_batch(two_proc
 def test_fabric_sync_window_ranks_agree_and_match_the_window_reference(two_process_results):
     rank0, rank1 = (r["params"] for r in two_process_results("fabric_window"))
     assert_params_close(rank0, rank1, rtol=0, atol=0)
-    assert_params_close(rank0, reference_window_mode(worker_batches()))
+    assert_params_close(
+        rank0, reference_window_mode_training(RefModule(), worker_batches(), world=2, K=K, inner_lr=INNER_LR)
+    )
     every = reference_nexus_training(RefModule(), global_batches(), K, INNER_LR, True)
     assert not torch.allclose(rank0[0], every[0])  # a different rule, not sync="every" by accident
 
@@ -288,7 +260,9 @@ def test_plain_ddp_loop_with_grad_scaler_equals_reference(two_process_results):
 def test_plain_ddp_loop_in_window_mode_matches_the_window_reference(two_process_results):
     rank0, rank1 = (r["params"] for r in two_process_results("plain_window"))
     assert_params_close(rank0, rank1, rtol=0, atol=0)
-    assert_params_close(rank0, reference_window_mode(worker_batches()))
+    assert_params_close(
+        rank0, reference_window_mode_training(RefModule(), worker_batches(), world=2, K=K, inner_lr=INNER_LR)
+    )
 
 
 @pytest.mark.slow
