@@ -184,12 +184,14 @@ def _has_validation(model: LightningModule, datamodule: LightningDataModule | No
 def continue_log_version(config: Any) -> None:
     """Resuming with ``--ckpt_path`` logs into the TensorBoard version the checkpoint came from.
 
-    Only when the checkpoint lies in ``<save_dir>/<name>/version_N/...`` of the configured logger and the
-    config does not name a version; otherwise Lightning's own choice (a new ``version_N``) stands.
+    Only when the configured logger is a TensorBoardLogger that names no version and the checkpoint lies
+    in ``<save_dir>/<name>/version_N/...``; ``--ckpt_path last`` takes the newest ``version_N`` holding a
+    ``checkpoints/last.ckpt`` (without this, Lightning would look for ``last`` in a new, empty version).
+    Otherwise Lightning's own choice (a new ``version_N``) stands.
     """
     ckpt = config.get("ckpt_path")
     logger = config.trainer.get("logger")
-    if not ckpt or ckpt in ("last", "best", "hpc", "registry") or not hasattr(logger, "get"):
+    if not ckpt or ckpt in ("best", "hpc", "registry") or not hasattr(logger, "get"):
         return
     if logger.get("class_path") not in ("lightning.pytorch.loggers.TensorBoardLogger", "TensorBoardLogger"):
         return
@@ -197,8 +199,13 @@ def continue_log_version(config: Any) -> None:
     if args is None or args.get("version") is not None:
         return
     run_root = (Path(args.get("save_dir", ".")) / (args.get("name") or "lightning_logs")).resolve()
-    path = Path(ckpt).resolve()
-    for parent in path.parents:
+    if ckpt == "last":
+        versions = [d for d in run_root.glob("version_*") if re.fullmatch(r"version_\d+", d.name)]
+        with_last = [d for d in versions if (d / "checkpoints" / "last.ckpt").exists()]
+        if with_last:
+            args["version"] = max(with_last, key=lambda d: int(d.name.split("_")[1])).name
+        return
+    for parent in Path(ckpt).resolve().parents:
         if parent.parent == run_root and re.fullmatch(r"version_\d+", parent.name):
             args["version"] = parent.name
             return

@@ -60,6 +60,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from lightning_nexus.tools import recipes  # noqa: E402
 from lightning_nexus.tools.cli import TOOL_COMMANDS, TRAINER_COMMANDS, unknown_key_message  # noqa: E402
@@ -152,3 +153,12 @@ def test_resume_with_ckpt_path_continues_the_same_log_version(tmp_path, monkeypa
     _fit(tmp_path, monkeypatch, "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt), steps=4)
     assert [p.name for p in (tmp_path / "runs/demo").iterdir()] == ["version_0"]
     assert len(list((tmp_path / "runs/demo/version_0").glob("events.out.tfevents.*"))) == 2
+
+
+def test_resume_with_ckpt_path_last_finds_the_newest_version_with_a_last_checkpoint(tmp_path, monkeypatch):
+    save_last = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true"]
+    _fit(tmp_path, monkeypatch, "--trainer.enable_progress_bar", "false", *save_last, steps=2)
+    assert (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").exists()
+    _fit(tmp_path, monkeypatch, "--trainer.enable_progress_bar", "false", *save_last, "--ckpt_path", "last", steps=4)
+    assert [p.name for p in (tmp_path / "runs/demo").iterdir()] == ["version_0"]
+    assert torch.load(tmp_path / "runs/demo/version_0/checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
