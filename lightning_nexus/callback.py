@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 import lightning_nexus.strategies  # noqa: F401  (registers the nexus_* strategy names)
-from lightning_nexus._compat import logger_will_write, mark_overflow, optimizer_unscales_in_step
+from lightning_nexus._compat import logger_will_write, mark_overflow, optimizer_unscales_in_step, trainer_callbacks
 from lightning_nexus.contract import NexusStrategy
 from lightning_nexus.core import DTensor, Nexus, _local, _unique_trainable
 from lightning_nexus.window_sources import WindowSourceCheck, source_names
@@ -75,7 +75,6 @@ class NexusCallback(Callback):
         trainer = Trainer(max_steps=4, accumulate_grad_batches=4, callbacks=[NexusCallback(inner_lr=0.05)])
         trainer.fit(BoringModel())
     """
-
 
     def __init__(
         self,
@@ -155,7 +154,7 @@ class NexusCallback(Callback):
                     "strategy='nexus_ddp' (lightning_nexus.NexusDDPStrategy; sync='every' for exact semantics "
                     "or sync='window' for one all-reduce per window)."
                 )
-        accumulating = any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks)
+        accumulating = any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer_callbacks(trainer))
         if trainer.accumulate_grad_batches == 1 and not accumulating:
             rank_zero_warn(
                 "NexusCallback with accumulate_grad_batches=1: every window has one micro-batch, so Nexus "
@@ -206,6 +205,7 @@ class NexusCallback(Callback):
         if not nexus.in_window:
             self._follow_trainable_set(trainer)
             nexus = self.nexus
+            assert nexus is not None  # rebuilt, never removed, while training
             nexus.inner_lr = self._current_inner_lr(trainer)
             self._check_weights_finite(trainer, f"at the start of the window of step {trainer.global_step + 1}")
         scaler = _grad_scaler(trainer)
@@ -242,6 +242,7 @@ class NexusCallback(Callback):
         else:
             self.completed_windows += 1
             if scaled_step:
+                assert scaler is not None
                 grads = [_local(p.grad) for p in nexus.params if p.grad is not None]
                 torch._foreach_mul_(grads, _device_scale(scaler, grads[0].device))
         self._stepped_this_batch = True
@@ -252,6 +253,7 @@ class NexusCallback(Callback):
         if not skipped:
             norm = nexus.pseudo_grad_norm()
             if scaled_step:
+                assert scaler is not None
                 norm /= scaler.get_scale()
             # G = (θ0 − θ_K)/(γn), so the displacement needs no extra pass
             self._inner_displacement = result.inner_lr * result.num_micro_batches * norm

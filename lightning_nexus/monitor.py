@@ -39,7 +39,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_nexus._compat import batches_that_stepped
+from lightning_nexus._compat import batches_that_stepped, trainer_callbacks, trainer_log_every_n_steps
 from lightning_nexus.core import DTensor, _local, _reduce_groups, dist
 from lightning_nexus.window_sources import source_names
 
@@ -156,10 +156,10 @@ class GradSimilarityMonitor(Callback):
                 "window from `accumulate_grad_batches`, which manual optimization does not use."
             )
         every = self.every_n_steps
-        if every is not None and trainer.log_every_n_steps and every % trainer.log_every_n_steps:
+        if every is not None and trainer_log_every_n_steps(trainer) and every % trainer_log_every_n_steps(trainer):
             raise ValueError(
                 f"GradSimilarityMonitor(every_n_steps={every}) must be a multiple of Trainer(log_every_n_steps="
-                f"{trainer.log_every_n_steps}): Lightning only writes step metrics on those steps."
+                f"{trainer_log_every_n_steps(trainer)}): Lightning only writes step metrics on those steps."
             )
 
     @override
@@ -176,7 +176,7 @@ class GradSimilarityMonitor(Callback):
                 self._offsets.append(self._group_size.get(group, 0))
                 self._group_size[group] = self._group_size.get(group, 0) + _local(p).numel()
         sharded = any(self._group_of)
-        if sharded and sum(isinstance(cb, GradSimilarityMonitor) for cb in trainer.callbacks) > 1:
+        if sharded and sum(isinstance(cb, GradSimilarityMonitor) for cb in trainer_callbacks(trainer)) > 1:
             raise RuntimeError(
                 "Only one GradSimilarityMonitor per Trainer is supported with sharded (FSDP2) parameters: each "
                 "monitor moves the running .grad aside while it reads a micro-batch's shard, and a second one "
@@ -256,7 +256,7 @@ class GradSimilarityMonitor(Callback):
 
     # ------------------------------------------------------------------ helpers
     def _window_is_logged(self, trainer: pl.Trainer) -> bool:
-        every = self.every_n_steps or trainer.log_every_n_steps
+        every = self.every_n_steps or trainer_log_every_n_steps(trainer)
         if not every or not self._params:
             return False
         # the same count Lightning's should_update_logs uses; constant until this window steps
@@ -288,10 +288,12 @@ class GradSimilarityMonitor(Callback):
         self._record(i, grad)
 
     def _on_sharded_grad(self, i: int, param: Tensor) -> None:
-        self._record(i, param.grad)
+        grad = param.grad
+        assert grad is not None  # a post-accumulate-grad hook runs once .grad is set
+        self._record(i, grad)
         stashed = self._stash.pop(i, None)
         if stashed is not None:
-            _local(param.grad).add_(_local(stashed))
+            _local(grad).add_(_local(stashed))
 
     @torch.no_grad()
     def _record(self, i: int, grad: Tensor | None) -> None:

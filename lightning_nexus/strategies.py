@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.nn import Module
 from typing_extensions import override
 
-from lightning_nexus._compat import attached_trainer, fsdp1_managed_params
+from lightning_nexus._compat import attached_trainer, fsdp1_managed_params, trainer_callbacks
 from lightning_nexus.contract import WindowOwner
 from lightning_nexus.replicas import average_pseudo_gradients, broadcast_ddp_buffers
 
@@ -67,6 +67,7 @@ class NexusDDPStrategy(DDPStrategy):
         super().configure_ddp()
         if self.sync == "window":
             self.model.require_backward_grad_sync = False  # type: ignore[union-attr]
+        assert self.lightning_module is not None  # configure_ddp runs after the module is connected
         numel = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
         per_window = "K" if self.sync == "every" else "1"
         rank_zero_info(
@@ -76,7 +77,7 @@ class NexusDDPStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        if self.sync == "window" and not any(isinstance(cb, WindowOwner) for cb in trainer.callbacks):
+        if self.sync == "window" and not any(isinstance(cb, WindowOwner) for cb in trainer_callbacks(trainer)):
             raise RuntimeError(
                 "NexusDDPStrategy(sync='window') switches DDP's gradient all-reduce off and averages only the "
                 "pseudo-gradient that NexusCallback hands over; without NexusCallback the ranks would never "
@@ -147,6 +148,7 @@ class NexusFSDPStrategy(FSDPStrategy):
     def nexus_shard_group(self, params: list[Tensor]) -> dist.ProcessGroup | None:
         """The process group over which ``params`` (the optimizer's, sharded views or flat parameters) are
         sharded, for :class:`~lightning_nexus.Nexus`'s global norm; ``None`` under ``NO_SHARD``."""
+        assert self.model is not None  # asked for by NexusCallback once the model is wrapped
         modules = FullyShardedDataParallel.fsdp_modules(self.model)
         layouts = {(id(m.process_group), m.sharding_strategy) for m in modules}
         if len(layouts) != 1:
@@ -193,7 +195,7 @@ class NexusFSDPStrategy(FSDPStrategy):
         # checkpoint gets θ0 by holding it in the shards during the gather (NexusCallback.anchor_as_weights).
         trainer = attached_trainer(self.lightning_module) if self.lightning_module is not None else None
         with ExitStack() as stack:
-            for callback in trainer.callbacks if trainer is not None else []:
+            for callback in trainer_callbacks(trainer) if trainer is not None else []:
                 if isinstance(callback, WindowOwner):
                     stack.enter_context(callback.anchor_as_weights())
             return super().lightning_module_state_dict()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lightning_nexus.data.generators import GENERATORS_VERSION, arithmetic_docs, pcfg_docs
 from lightning_nexus.data.store import MANIFEST, CorruptCacheError, make_build_dir, read_manifest, write_token_dir
@@ -278,7 +278,7 @@ def _build(root: Path, plans: list[_SourcePlan], max_bytes: int, tokenizer: str,
             tok: ByteTokenizer | BPETokenizer = BPETokenizer.train(train_docs, bpe_vocab, tmp / "tokenizer.json")
         else:
             tok = ByteTokenizer()
-        entries = []
+        entries: list[dict[str, Any]] = []
         for p in plans:
             ids = tok.encode_docs(texts.pop(p.name))
             if ids.size == 0:

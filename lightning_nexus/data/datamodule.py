@@ -154,7 +154,7 @@ def to_batch(raw: RawBatch) -> Batch:
     }
 
 
-def _no_collate(x: RawBatch) -> RawBatch:
+def _no_collate(x: Any) -> Any:  # the dataset yields whole batches (RawBatch): nothing to collate
     return x
 
 
@@ -210,9 +210,9 @@ class _ResumableLoader(DataLoader):
         self._resume: dict[str, int] | None = None
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # _TrainBatches is sized
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]  # yields batches, as a DataLoader's iterator does
         epoch = self._epoch_fn()
         epoch = self._own_epoch if epoch is None else epoch
         skip = 0

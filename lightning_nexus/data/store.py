@@ -264,6 +264,7 @@ class TokenStream:
         m = self._maps.get(i)
         if m is None:
             c = self.chunks[i]
+            assert self.dtype is not None  # set by __init__ from the first path
             m = np.memmap(c.path, dtype=self.dtype, mode="r", offset=c.offset, shape=(c.size,))
             self._maps[i] = m
         return m
