@@ -6,6 +6,9 @@ exists), so an upgrade that renames or changes one fails there, with the upstrea
 instead of training the wrong thing. Verified on torch 2.14.1, lightning 2.6.6 and litdata 0.2.76; the
 pyproject bounds torch below 2.15 until the suite has run on the next release.
 
+``torch._foreach_*`` (the multi-tensor kernels torch's own optimizers use) are documented in torch's API
+reference despite the underscore, so the core calls them directly.
+
 Overriding ``FSDPStrategy._setup_model`` (``NexusFSDPStrategy``) is the one private *hook*; it cannot be
 wrapped, so ``test_compat.py`` checks its signature and that ``setup`` still calls it.
 
