@@ -142,7 +142,7 @@ class Nexus:
         self._buffer = [torch.empty_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in self._locals]
         self.exact = bool(exact)
         # exact mode: Σ d_k beside θ0 (allocated once, here, so that peak memory shows at once)
-        self._direction_sum = [torch.empty_like(b) for b in self._buffer] if self.exact else None
+        self._direction_sum: list[Tensor] = [torch.empty_like(b) for b in self._buffer] if self.exact else []
         shard_groups = _as_groups(shard_group)
         self._groups = [_reduce_groups(p, shard_groups) for p in self.params]
         # every rank runs the same collectives in the same order, even where it holds no gradient (an FSDP1
@@ -204,18 +204,21 @@ class Nexus:
         idx = [i for i, p in enumerate(self.params) if p.grad is not None]
         if self.window_position == 0:
             self._begin_window()
-        grads = [_local(self.params[i].grad) for i in idx]
+        grads = [_local(g) for g in (self.params[i].grad for i in idx) if g is not None]
         norm = self._global_norm(grads, [self._groups[i] for i in idx])  # 0-dim, on the device
         if not self._replicas_verified:
             self._verify_replicas(norm)
         self._pending_checks.append(norm)
         if isinstance(loss_scale, Tensor):
             self._pending_checks.append(torch.where(loss_scale > 0, loss_scale, math.nan).to(norm))
+        coef: Tensor | float
         if self.normalize:
             # a non-finite norm makes the step non-finite too; finish_window restores θ0 from the buffer
             coef = torch.where(norm > 0, norm.reciprocal(), 0.0)
         else:
             coef = loss_scale.reciprocal() if isinstance(loss_scale, Tensor) else 1.0 / loss_scale
+        if isinstance(coef, Tensor) and not any(g.dtype == torch.float64 for g in grads):
+            coef = coef.float()  # a float64 factor would make every update kernel convert it
         if self._window_lr > 0:  # θ_k = θ_{k-1} − γ·d_k
             if idx:
                 _add_scaled_([self._locals[i] for i in idx], grads, coef, -self._window_lr)
@@ -279,7 +282,8 @@ class Nexus:
     def pseudo_grad_norm(self) -> float:
         """Global L2 norm of the current ``.grad`` (call right after :meth:`finish_window`)."""
         idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        return float(self._global_norm([_local(self.params[i].grad) for i in idx], [self._groups[i] for i in idx]))
+        grads = [_local(g) for g in (self.params[i].grad for i in idx) if g is not None]
+        return float(self._global_norm(grads, [self._groups[i] for i in idx]))
 
     @torch.no_grad()
     def restore_anchor(self) -> None:
@@ -487,20 +491,29 @@ class Nexus:
 
 
 _CPU_NORM_BLOCK = 1024
+_CPU_NORM_BLOCKED_ABOVE = 2**16  # up to here a plain fp32 CPU norm is within ~2e-7
 
 
 def _blocked_norms(tensors: list[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
     """L2 norms on the CPU, whose reductions accumulate sequentially in the input's precision: the fp32 norm
-    of a 38M-entry embedding gradient comes out 0.3% off. Norms of 1024-entry blocks, combined in float64,
-    are exact to ~1e-9 at about the same speed (CUDA reductions are trees and need none of this)."""
-    out = []
-    for t in tensors:
+    of a 38M-entry embedding gradient comes out 0.3% off. Large tensors get norms of 1024-entry blocks,
+    combined in float64 (exact to ~1e-9, about as fast); small ones one multi-tensor norm (CUDA reductions
+    are trees and need none of this)."""
+    small = [i for i, t in enumerate(tensors) if t.numel() <= _CPU_NORM_BLOCKED_ABOVE]
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    if small:
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        for i, n in zip(small, torch._foreach_norm([tensors[i] for i in small], 2, **kwargs)):
+            out[i] = n
+    for i, t in enumerate(tensors):
+        if out[i] is not None:
+            continue
         flat = t.reshape(-1)
         head = flat.numel() - flat.numel() % _CPU_NORM_BLOCK
         parts = [torch.linalg.vector_norm(flat[head:], dtype=dtype).reshape(1)]
         if head:
             parts.append(torch.linalg.vector_norm(flat[:head].view(-1, _CPU_NORM_BLOCK), dim=1, dtype=dtype))
-        out.append(torch.cat(parts).double().square().sum().sqrt())
+        out[i] = torch.cat(parts).double().square().sum().sqrt()
     return out
 
 

@@ -112,7 +112,8 @@ class NexusLM(TemplateLM):
         self.model = net.to(self._device)
         # Not `self.tokenizer`: lm_eval reads that attribute as a HuggingFace tokenizer (chat templates).
         self.text_tokenizer = _make_tokenizer(tokenizer)
-        self.max_length = int(max_length or self.model.config.block_size)
+        config: Any = self.model.config  # GPTConfig / LlamaConfig, checked by _unwrap / _load_checkpoint
+        self.max_length = int(max_length or config.block_size)
         self.batch_size = _parse_batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         model_vocab = getattr(self.model.config, "vocab_size", None)
@@ -286,7 +287,7 @@ def _unwrap(model: nn.Module | None) -> nn.Module:
     if inner is None:
         raise ValueError("NexusLM: the CausalLMModule has no network yet; call module.configure_model() first")
     net = inner if isinstance(inner, nn.Module) else model
-    if not hasattr(getattr(net, "config", None), "block_size"):
+    if net is None or not hasattr(getattr(net, "config", None), "block_size"):
         raise TypeError(f"NexusLM: expected a recipes GPT/Llama or CausalLMModule, got {type(model).__name__}")
     return net
 
