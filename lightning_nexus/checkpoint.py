@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_nexus._writers import host_tag, writer_alive
 from lightning_nexus.core import DTensor
 
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.partial$")
@@ -169,7 +169,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file next to ``path``, fsync, rename: ``path`` is complete or untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path.parent)
-    tmp = path.parent / f".{path.name}.{_host()}.{os.getpid()}.partial"
+    tmp = path.parent / f".{path.name}.{host_tag()}.{os.getpid()}.partial"
     try:
         with open(tmp, "wb") as f:
             _write(obj, f)
@@ -209,26 +209,12 @@ def remove_stale_partials(directory: Path) -> list[Path]:
     removed = []
     for p in directory.glob(".*.partial"):
         m = _PARTIAL.match(p.name)
-        if m is None or m["host"] != _host() or _pid_alive(int(m["pid"])):
+        if m is None or m["host"] != host_tag() or writer_alive(int(m["pid"])):
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
 
-
-def _host() -> str:
-    return socket.gethostname().replace(".", "-")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another thread of this process may be writing it; a failed save removes its own file
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

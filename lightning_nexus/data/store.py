@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from lightning_nexus._compat import litdata_item_dtype
+from lightning_nexus._writers import host_tag, writer_alive
 
 MANIFEST = "manifest.json"
 TOKENS_FILE = "tokens.npy"  # the pre-optimize staging array, deleted after the build
@@ -132,7 +132,7 @@ def make_build_dir(final_dir: Path) -> Path:
     before they could clean up left behind (their names carry host and pid; a running builder's stay)."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_build_dirs(final_dir)
-    prefix = f".{final_dir.name}.tmp-{_host()}-{os.getpid()}-"
+    prefix = f".{final_dir.name}.tmp-{host_tag()}-{os.getpid()}-"
     return Path(tempfile.mkdtemp(prefix=prefix, dir=final_dir.parent))
 
 
@@ -141,28 +141,14 @@ def remove_stale_build_dirs(final_dir: Path) -> list[Path]:
     removed = []
     for tmp in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):
         parts = tmp.name[len(f".{final_dir.name}.tmp-") :].split("-")
-        if len(parts) < 3 or not parts[-2].isdigit() or "-".join(parts[:-2]) != _host():
+        if len(parts) < 3 or not parts[-2].isdigit() or "-".join(parts[:-2]) != host_tag():
             continue  # an older name without pid, or another host's build: not ours to judge
-        if _pid_alive(int(parts[-2])):
+        if writer_alive(int(parts[-2])):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(tmp)
     return removed
 
-
-def _host() -> str:
-    return socket.gethostname().replace("-", "_")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another thread of this process may be building into it; a failed attempt cleans up itself
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
