@@ -11,6 +11,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from lightning_nexus import NexusCallback
+from lightning_nexus.data import per_source_dataloader
 from tests.helpers import (
     assert_params_close,
     boring_batches,
@@ -211,26 +212,23 @@ def test_mid_window_checkpoint_stores_anchor_and_resumes(tmp_path):
     assert_params_close(saved, recorder.anchors[4], rtol=0, atol=0)  # θ0 of window 2, not θ_2
     assert ckpt["callbacks"]["NexusCallback"]["window_position"] == 2
 
-    def resumed_steps(callbacks):
+    # Resumed with a loader that resumes mid-epoch, the run ends where the uninterrupted one does.
+    def run(module, callbacks, ckpt_path=None):
+        rows = [row for batch in batches for row in batch]  # the same micro-batches, from a stateful loader
+        loader = per_source_dataloader({"all": rows}, batch_size=2, schedule="round_robin", seed=0)
         trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            accumulate_grad_batches=4,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            limit_val_batches=0,
-        )
-        module = make_boring(seed=1)
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=path)
-        return trainer.global_step, module
+            accelerator="cpu", max_epochs=1, accumulate_grad_batches=4, callbacks=callbacks, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+        return trainer.global_step, params_of(module)
 
-    steps_nexus, resumed = resumed_steps([NexusCallback(inner_lr=0.2)])
-    steps_plain, _ = resumed_steps([])
-    assert steps_nexus == steps_plain  # Lightning's own resume bookkeeping is untouched
-    assert steps_nexus > ckpt["global_step"]
-    assert all(torch.isfinite(p).all() for p in resumed.parameters())
+    path2 = tmp_path / "mid_stateful.ckpt"
+    steps_full, full = run(make_boring(), [NexusCallback(inner_lr=0.2)])
+    run(make_boring(), [NexusCallback(inner_lr=0.2), _SaveAt(batch_idx=5, path=path2)])
+    steps_resumed, resumed = run(make_boring(seed=1), [NexusCallback(inner_lr=0.2)], ckpt_path=path2)
+    assert steps_resumed == steps_full
+    assert_params_close(resumed, full, rtol=0, atol=1e-6)
 
 
 def test_validation_mid_window_sees_the_anchor_and_leaves_training_alone():
