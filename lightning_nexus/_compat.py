@@ -146,6 +146,11 @@ def trainer_log_every_n_steps(trainer: pl.Trainer) -> int:
     return trainer.log_every_n_steps  # type: ignore[attr-defined]  # assigned by _LoggerConnector
 
 
+def trainer_datamodule(trainer: pl.Trainer) -> pl.LightningDataModule | None:
+    """``trainer.datamodule``: the DataModule given to ``fit``/``validate``/..., or None."""
+    return trainer.datamodule  # type: ignore[attr-defined]  # assigned by _DataConnector
+
+
 def fabric_forward_module(module: Any) -> torch.nn.Module:
     """The module a Fabric-wrapped model runs its forward through: the ``DistributedDataParallel`` under a
     DDP strategy, the plain module otherwise (``lightning.fabric.wrappers._unwrap_objects``, which reads

@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_nexus._compat import trainer_datamodule
 from lightning_nexus_recipes.evidence.diagnostics import (
     fine_tune_curve,
     fine_tune_distances,
@@ -93,9 +94,9 @@ class EvidenceCallback(Callback):
                 raise ValueError(f"EvidenceCallback.{name} must be >= {low}, got {value}")
         if alignment_batches < 0 or alignment_batches == 1:
             raise ValueError(f"EvidenceCallback.alignment_batches must be 0 (off) or >= 2, got {alignment_batches}")
-        for name, value in (("finetune_lr", finetune_lr), ("transfer_lr", transfer_lr)):
-            if not value > 0:
-                raise ValueError(f"EvidenceCallback.{name} must be > 0, got {value}")
+        for name, rate in (("finetune_lr", finetune_lr), ("transfer_lr", transfer_lr)):
+            if not rate > 0:
+                raise ValueError(f"EvidenceCallback.{name} must be > 0, got {rate}")
         self.probes = [ArithmeticTransferProbe(n_items=probe_items), GrammarDepthProbe()] if probes else []
         self.diagnostics = diagnostics
         self.diagnostic_batches, self.hessian_samples = diagnostic_batches, hessian_samples
@@ -108,7 +109,7 @@ class EvidenceCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
+        dm = _data(trainer)
         if not hasattr(pl_module, "model") or not all(
             hasattr(dm, a) for a in ("train_source_names", "val_source_names", "val_dataloader")
         ):
@@ -133,7 +134,7 @@ class EvidenceCallback(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self.probes:
             return
-        tokenizer = getattr(trainer.datamodule, "text_tokenizer", None)
+        tokenizer = getattr(_data(trainer), "text_tokenizer", None)
         for probe in self.probes:
             # Deterministic and computed identically on every rank, so no reduction is needed.
             self._last_probes[probe.name] = accuracy = float(probe(pl_module.model, tokenizer))
@@ -146,7 +147,7 @@ class EvidenceCallback(Callback):
     def _alignment_batches(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, list[dict[str, Any]]]:
         # fixed once: every evaluation point (and every arm) sees the same batches
         if self._alignment_data is None:
-            dm = trainer.datamodule
+            dm = _data(trainer)
             self._alignment_data = _val_batches(dm, dm.train_source_names, self.alignment_batches, pl_module.device)
         return self._alignment_data
 
@@ -173,7 +174,7 @@ class EvidenceCallback(Callback):
                 json.dump(evidence, f, indent=1)
 
     def _diagnostics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        dm = trainer.datamodule
+        dm = _data(trainer)
         batches = _val_batches(dm, dm.train_source_names, self.diagnostic_batches, pl_module.device)
         traces = per_source_traces(pl_module.model, batches, n_samples=self.hessian_samples, seed=0)
         tune = fine_tune_distances(pl_module.model, batches, steps=self.finetune_steps, lr=self.finetune_lr)
@@ -255,3 +256,9 @@ def _val_batches(dm: Any, names: list[str], n: int, device: Any) -> dict[str, li
 
 
 __all__ = ["EVIDENCE_FILE", "EvidenceCallback"]
+
+
+def _data(trainer: Trainer) -> Any:
+    """The run's data module, duck-typed: MixedSourceDataModule and HMMDataModule share the per-source
+    names, validation loaders and (optionally) probes this callback reads; setup checks they exist."""
+    return trainer_datamodule(trainer)

@@ -22,6 +22,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -278,7 +279,7 @@ class GrammarDepthProbe:
         feats: list[Tensor] = [torch.empty(0)] * len(rows)
         with _frozen(model) as device:
             for batch, ids in _batches(rows, _MAX_TOKENS):
-                hidden = model.features(ids.to(device))
+                hidden = cast(Any, model).features(ids.to(device))  # the recipe models' hidden states
                 b = torch.tensor([n for n, r in enumerate(batch) for _ in word_ends[r]], device=device)
                 pos = torch.tensor([end - 1 for r in batch for end in word_ends[r]], device=device)
                 picked = hidden[b, pos].to("cpu", torch.float64)

@@ -196,3 +196,21 @@ def test_fabric_forward_module_is_the_ddp_wrapper_or_the_plain_module():
         assert _compat.fabric_forward_module(_FabricModule(ddp, fabric.strategy, original_module=net)) is ddp
     finally:
         dist.destroy_process_group()
+
+
+def test_trainer_datamodule_is_the_one_given_to_fit(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringDataModule
+
+    seen = []
+
+    class Record(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(_compat.trainer_datamodule(trainer))
+
+    data = BoringDataModule()
+    trainer = Trainer(
+        default_root_dir=tmp_path, max_steps=1, callbacks=[Record()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(BoringModel(), datamodule=data)
+    assert seen == [data]

@@ -26,6 +26,7 @@ HEADLINE_METRICS = (
 """Metrics (prefixes) the headline states for every arm, where the runs have them."""
 DIAGNOSTICS = ("diag/", "grad_cosine/", "val/grad_cosine/", "steps_to_optimum")
 """Metrics (prefixes) of the diagnostics tables."""
+NO_LADDER = "Not available: the reference arm was trained at one budget only (see Problems)."
 COSINES_NOTE = (
     "`grad_cosine/end` is the training-time monitor (`nexus/grad_cosine/mean`, last fifth of training): under Nexus it "
     "takes each micro-batch's gradient at a different inner point, under AdamW at the window's start, on different "
@@ -145,7 +146,7 @@ def write_report(
         "Each arm's final values against the reference's budget ladder interpolated at the arm's final "
         f"`{LOSS}`. A seed is listed when the arm's loss lies outside the ladder's range by more than {tol}.",
         "",
-        comparison_table(summary["matched_own_schedules"], reference),
+        comparison_table(summary["matched_own_schedules"], reference) if own else NO_LADDER,
         "",
         "## 2. Equal steps",
         "",
@@ -166,7 +167,7 @@ def write_report(
         "At matched loss (own schedules, as in section 1): the reference ladder's diagnostics interpolated at "
         "each arm's final loss, so that a difference is not just more or less training.",
         "",
-        comparison_table(summary["matched_own_schedules"], reference, prefixes=DIAGNOSTICS),
+        comparison_table(summary["matched_own_schedules"], reference, prefixes=DIAGNOSTICS) if own else NO_LADDER,
         "",
         "At equal steps:",
         "",
