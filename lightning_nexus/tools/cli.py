@@ -71,9 +71,13 @@ class NexusCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        chosen = config["trainer"].get("callbacks") or []
-        use_step_progress_bar(trainer, chosen=chosen if isinstance(chosen, list) else [chosen])
+        # what the user configured, read from the parsed config: LightningCLI extends the instantiated
+        # callback list in place with the Trainer's own defaults, so it cannot tell them apart
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        specs = config["trainer"].get("callbacks") or []
+        specs = specs if isinstance(specs, list) else [specs]
+        if not any("ProgressBar" in str(getattr(spec, "class_path", spec)) for spec in specs):
+            use_step_progress_bar(trainer)
         use_verified_checkpoints(trainer)
         return trainer
 

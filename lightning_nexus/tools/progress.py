@@ -96,11 +96,11 @@ class StepProgressBar(TQDMProgressBar):
         return "  ".join(f"{k} {metrics[k]:.4f}" for k in shown)
 
 
-def use_step_progress_bar(trainer: pl.Trainer, chosen: list[Any]) -> None:
-    """Swap Lightning's default bar (TQDM, or Rich where rich is installed) for :class:`StepProgressBar`;
-    a bar in ``chosen`` (the callbacks the user configured) stays."""
+def use_step_progress_bar(trainer: pl.Trainer) -> None:
+    """Swap the Trainer's progress bar (Lightning's default: TQDM, or Rich where rich is installed) for
+    :class:`StepProgressBar`. Call it only when the user configured no bar of their own."""
     callbacks = trainer_callbacks(trainer)
     for i, callback in enumerate(callbacks):
-        if isinstance(callback, ProgressBar) and not any(callback is c for c in chosen):
+        if isinstance(callback, ProgressBar):
             callbacks[i] = StepProgressBar()
             return

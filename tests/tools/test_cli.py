@@ -136,7 +136,7 @@ def test_fit_ending_between_validations_validates_its_last_step(tmp_path, monkey
 
 def test_non_tty_progress_is_one_line_per_step_report_and_validation(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    _fit(tmp_path, monkeypatch, steps=5)
+    _fit(tmp_path, monkeypatch, "--trainer.callbacks+=lightning_nexus.NexusCallback", steps=5)  # as the recipes
     captured = capsys.readouterr()
     out = captured.out + captured.err
     assert "it/s" not in out and "Validation DataLoader" not in out  # no tqdm bars in a log file
