@@ -183,3 +183,55 @@ class NullLogger(pl.loggers.Logger):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
+
+
+def overhead_main(
+    benchmark: str, description: str | None, loop: Callable[[bool, Any], Measurement], labels: tuple[str, str]
+) -> None:
+    """The CLI of the CPU overhead benchmarks on the quickstart's tiny GPT: ``loop(nexus, args)`` times one
+    arm; the arms alternate, and a line plus a JSON record report the Nexus/plain ratio per wall and CPU second."""
+    import argparse
+    import json
+    import os
+
+    import torch
+
+    from lightning_nexus_recipes.models import GPT, GPTConfig
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=15, help="outer steps per timed loop")
+    parser.add_argument("--accumulate", type=int, default=4, help="K micro-batches per window")
+    parser.add_argument("--repeats", type=int, default=5, help="timed loops per arm (after one warm-up each)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block", type=int, default=128)
+    args = parser.parse_args()
+    runs = alternate({"plain": lambda: loop(False, args), "nexus": lambda: loop(True, args)}, args.repeats, warmup=1)
+    wall_rates = {arm: [m.wall_rate for m in runs[arm]] for arm in runs}
+    cpu_rates = {arm: [m.cpu_rate for m in runs[arm]] for arm in runs}
+    wall = {arm: spread(rates).median for arm, rates in wall_rates.items()}
+    wall_ratio = ratio(wall_rates["nexus"], wall_rates["plain"])
+    cpu_ratio = ratio(cpu_rates["nexus"], cpu_rates["plain"])
+    record = {
+        "benchmark": benchmark,
+        "model": "recipes GPT tiny (quickstart)",
+        "params": sum(p.numel() for p in GPT(GPTConfig(size="tiny")).parameters()),
+        "shape": f"{args.batch_size}x{args.block}, K={args.accumulate}",
+        "tokens_per_s_plain": round(wall["plain"]),
+        "tokens_per_s_nexus": round(wall["nexus"]),
+        "ratio_nexus_over_plain": round(wall_ratio.value, 4),
+        "ratio_nexus_over_plain_range": [round(wall_ratio.paired.low, 4), round(wall_ratio.paired.high, 4)],
+        "ratio_nexus_over_plain_cpu_time": round(cpu_ratio.value, 4),
+        "ratio_nexus_over_plain_cpu_time_range": [round(cpu_ratio.paired.low, 4), round(cpu_ratio.paired.high, 4)],
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+    }
+    print(
+        f"{labels[0]} {wall['plain']:,.0f} tokens/s, {labels[1]} {wall['nexus']:,.0f} tokens/s: ratio "
+        f"{wall_ratio.value:.3f}, per round {wall_ratio.paired.low:.3f}-{wall_ratio.paired.high:.3f} (per CPU second "
+        f"{cpu_ratio.value:.3f}, per round {cpu_ratio.paired.low:.3f}-{cpu_ratio.paired.high:.3f}; "
+        f"load average {record['load_average_1min']})"
+    )
+    print(json.dumps(record))
