@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_nexus.tools.experiment.provenance import source_fingerprint
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -67,9 +69,12 @@ def test_tiny_preset_reports_every_arm_and_resumes(tmp_path):
         assert all(v["n"] == 2 for v in c["values"].values())  # both seeds of every arm finished
     nexus_runs = [r for r in summary["equal_steps"] if r["arm"].startswith(("nexus", "muon_nexus"))]
     assert all("grad_cosine/end" in r["values"] for r in nexus_runs)
+    for c in summary["equal_steps"]:  # the like-for-like cosines exist for every arm, AdamW included
+        for key in ("val/grad_cosine/cross", "val/grad_cosine/within", "diag/grad_alignment/cross"):
+            assert -1 <= c["values"][key]["mean"] <= 1, (c["arm"], key)
     for arm in arms:
         assert f"| {arm}" in report
-    for png in ("ood_vs_loss.png", "probes.png", "diagnostics.png", "grad_cosine.png"):
+    for png in ("ood_vs_loss.png", "probes.png", "diagnostics.png", "grad_cosine.png", "grad_alignment.png"):
         assert (out / png).is_file()
 
     # nothing left to do: no run is retrained
@@ -80,11 +85,25 @@ def test_tiny_preset_reports_every_arm_and_resumes(tmp_path):
     assert proc.returncode == 0 and "22 already finished, 0 to train" in proc.stdout, proc.stdout[-2000:]
     assert {p: p.stat().st_mtime_ns for p in results} == stamps
 
-    # an interrupted run (no result.json) is trained again, alone
+    # every run records the code it was trained on: this checkout's sources
+    assert {json.loads(p.read_text())["provenance"]["code"] for p in results} == {source_fingerprint()}
+    assert "trained on: code " + source_fingerprint() in report
+
+    # an interrupted run (no result.json) is trained again, alone; a finished run of other code is named
     (out / "runs" / "nexus_g0" / "seed1" / "result.json").unlink()
+    older = out / "runs" / "adamw" / "seed0" / "result.json"
+    result = json.loads(older.read_text())
+    result["provenance"]["code"] = "0123456789ab"
+    older.write_text(json.dumps(result))
     proc = run_experiment(tmp_path, small(tmp_path), "--workers", "1")
     assert proc.returncode == 0 and "21 already finished, 1 to train" in proc.stdout, proc.stdout[-2000:]
     assert "nexus_g0/seed1" in proc.stdout
+    assert (
+        "1 finished run(s) were trained on other code" in proc.stdout
+        and "adamw/seed0 (code 0123456789ab" in proc.stdout
+    )
+    report = (out / "report.md").read_text()
+    assert "trained on 2 different versions" in report and "adamw/seed0" in report.split("different versions")[1]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from statistics import mean
 from typing import Any
 
 from lightning_nexus.tools.experiment.analysis import LOSS, Comparison, Estimate, analyse, arms_in
+from lightning_nexus.tools.experiment.provenance import versions_in
 from lightning_nexus.tools.plotting import pyplot, save
 
 HEADLINE = [LOSS, "val/loss/ood"]
@@ -132,6 +133,7 @@ def write_report(
         f"{_device()}; torch {torch.__version__}",
         f"- {len(results)} finished runs, arms {arms_in(results)}, seeds {seeds}; training wall time summed over runs "
         f"{wall / 60:.1f} min",
+        *code_lines(results),
         f"- reference arm: `{reference}`; Δ = arm − reference per seed, mean ± 95% CI over seeds (Student t); "
         f"**bold** where the CI excludes 0. Loss tolerance for matching: {tol}.",
         "",
@@ -187,6 +189,22 @@ def write_report(
     path.write_text("\n".join(line for line in lines if line is not None) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1))
     return path
+
+
+def code_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The code the runs were trained on; a warning naming each version when there is more than one."""
+    groups = versions_in(results)
+    if len(groups) == 1:
+        return [f"- trained on: {next(iter(groups))} (every run)"]
+    return [
+        f"- **warning: the runs were trained on {len(groups)} different versions of the code or libraries**, so "
+        "a difference between arms may be a difference between versions. Retrain the runs of the older versions "
+        "(delete their run directories and rerun the command) before reading the comparison:",
+        *(
+            f"  - {version}: {len(runs)} run(s): " + ", ".join(runs[:8]) + (" ..." if len(runs) > 8 else "")
+            for version, runs in groups.items()
+        ),
+    ]
 
 
 def void_finetunes(results: list[dict[str, Any]]) -> list[str]:

@@ -43,6 +43,7 @@ import yaml
 
 from lightning_nexus.tools.compare import RunError, load_run
 from lightning_nexus.tools.experiment.config import ExperimentConfig, RunSpec
+from lightning_nexus.tools.experiment.provenance import describe, provenance, source_fingerprint
 
 RESULT_FILE = "result.json"
 FAIL_FAST = 3
@@ -107,6 +108,25 @@ def check_finished_runs(cfg: ExperimentConfig) -> None:
         )
 
 
+def warn_other_code(cfg: ExperimentConfig, log=print) -> None:
+    """Name the finished runs trained on other code than the runs about to start. Not refused (an edit of a
+    comment changes the fingerprint too), but said here and in the report, so that it is never silent."""
+    now = describe({"provenance": provenance()})
+    other = []
+    for run in cfg.runs():
+        if is_finished(cfg, run):
+            was = describe(json.loads((run_dir(cfg, run) / RESULT_FILE).read_text()))
+            if was != now:
+                other.append(f"{run.key} ({was})")
+    if other:
+        shown = ", ".join(other[:6]) + (f" and {len(other) - 6} more" if len(other) > 6 else "")
+        log(
+            f"warning: {len(other)} finished run(s) were trained on other code than the runs starting now "
+            f"({now}): {shown}. They are kept, and the report lists the versions; delete their run "
+            "directories to retrain them on this code."
+        )
+
+
 def fit_config(run: RunSpec, directory: Path) -> dict[str, Any]:
     """The run's config with the runner's logger: events go to ``directory/tb``."""
     cfg = json.loads(json.dumps(run.config))  # deep copy, and proof the config is plain data
@@ -128,6 +148,7 @@ def train_one(cfg: ExperimentConfig, run: RunSpec, threads: int) -> dict[str, An
     config_path = directory / "config.yaml"
     config_path.write_text(yaml.safe_dump(fit_config(run, directory), sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    trained_on = provenance()
     start = time.perf_counter()
     with open(directory / "fit.log", "w") as log:
         returncode = run_supervised(
@@ -141,6 +162,10 @@ def train_one(cfg: ExperimentConfig, run: RunSpec, threads: int) -> dict[str, An
             f"{directory / 'fit.log'}:\n    " + "\n    ".join(tail)
         )
     result = collect_result(run, directory, wall)
+    after = source_fingerprint()
+    if after != trained_on["code"]:  # the child may have imported either version: a version of its own
+        trained_on["code"] = f"{trained_on['code']}->{after} (changed during the run)"
+    result["provenance"] = trained_on
     tmp = directory / (RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.rename(directory / RESULT_FILE)  # atomic: a half-written result never marks a run finished
@@ -212,6 +237,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> list[str]:
     )
     if not todo:
         return []
+    if len(todo) < len(runs):
+        warn_other_code(cfg, log)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     with runner_lock(cfg.out_dir), forward_stop_signals():
         return _train_all(cfg, runs, todo, log)
