@@ -215,8 +215,6 @@ def remove_stale_partials(directory: Path) -> list[Path]:
         removed.append(p)
     return removed
 
-    return True
-
 
 def _fsync_dir(directory: Path) -> None:
     try:

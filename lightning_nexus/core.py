@@ -201,10 +201,9 @@ class Nexus:
         if not isinstance(loss_scale, Tensor) and not (math.isfinite(loss_scale) and loss_scale > 0):
             self._abandon()
             return False
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        idx, grads = self._present_grads()
         if self.window_position == 0:
             self._begin_window()
-        grads = [_local(g) for g in (self.params[i].grad for i in idx) if g is not None]
         norm = self._global_norm(grads, [self._groups[i] for i in idx])  # 0-dim, on the device
         if not self._replicas_verified:
             self._verify_replicas(norm)
@@ -281,9 +280,13 @@ class Nexus:
 
     def pseudo_grad_norm(self) -> float:
         """Global L2 norm of the current ``.grad`` (call right after :meth:`finish_window`)."""
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        grads = [_local(g) for g in (self.params[i].grad for i in idx) if g is not None]
+        idx, grads = self._present_grads()
         return float(self._global_norm(grads, [self._groups[i] for i in idx]))
+
+    def _present_grads(self) -> tuple[list[int], list[Tensor]]:
+        """The indices of the parameters that hold a ``.grad``, and those gradients' local tensors."""
+        present = [(i, _local(p.grad)) for i, p in enumerate(self.params) if p.grad is not None]
+        return [i for i, _ in present], [g for _, g in present]
 
     @torch.no_grad()
     def restore_anchor(self) -> None:
@@ -500,13 +503,12 @@ def _blocked_norms(tensors: list[Tensor], dtype: torch.dtype | None = None) -> l
     combined in float64 (exact to ~1e-9, about as fast); small ones one multi-tensor norm (CUDA reductions
     are trees and need none of this)."""
     small = [i for i, t in enumerate(tensors) if t.numel() <= _CPU_NORM_BLOCKED_ABOVE]
-    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    out: dict[int, Tensor] = {}
     if small:
         kwargs = {} if dtype is None else {"dtype": dtype}
-        for i, n in zip(small, torch._foreach_norm([tensors[i] for i in small], 2, **kwargs)):
-            out[i] = n
+        out.update(zip(small, torch._foreach_norm([tensors[i] for i in small], 2, **kwargs)))
     for i, t in enumerate(tensors):
-        if out[i] is not None:
+        if i in out:
             continue
         flat = t.reshape(-1)
         head = flat.numel() - flat.numel() % _CPU_NORM_BLOCK
@@ -514,7 +516,7 @@ def _blocked_norms(tensors: list[Tensor], dtype: torch.dtype | None = None) -> l
         if head:
             parts.append(torch.linalg.vector_norm(flat[:head].view(-1, _CPU_NORM_BLOCK), dim=1, dtype=dtype))
         out[i] = torch.cat(parts).double().square().sum().sqrt()
-    return out
+    return [out[i] for i in range(len(tensors))]
 
 
 def _wide(device: torch.device) -> torch.dtype:

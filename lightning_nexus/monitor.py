@@ -155,11 +155,11 @@ class GradSimilarityMonitor(Callback):
                 "GradSimilarityMonitor needs Lightning's automatic optimization: it finds the micro-batches of a "
                 "window from `accumulate_grad_batches`, which manual optimization does not use."
             )
-        every = self.every_n_steps
-        if every is not None and trainer_log_every_n_steps(trainer) and every % trainer_log_every_n_steps(trainer):
+        every, log_every = self.every_n_steps, trainer_log_every_n_steps(trainer)
+        if every is not None and log_every and every % log_every:
             raise ValueError(
                 f"GradSimilarityMonitor(every_n_steps={every}) must be a multiple of Trainer(log_every_n_steps="
-                f"{trainer_log_every_n_steps(trainer)}): Lightning only writes step metrics on those steps."
+                f"{log_every}): Lightning only writes step metrics on those steps."
             )
 
     @override
